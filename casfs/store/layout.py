@@ -1,0 +1,170 @@
+"""The on-disk layout of a casfs store: files in the store directory, LMDB databases, key formats.
+
+This module is the only place that knows how keys and values are packed. Every integer in a
+key is big-endian so that LMDB's byte order is numeric order (range scans by inode, offset and
+cookie rely on it).
+
+Store directory
+---------------
+=====================  ==================================================================
+``casfs-store.json``   marker: ``{"format": 1, "uuid": ...}``; a directory without it is
+                       not a store. Written once, atomically, by ``casfs init``.
+``data.mdb``           the LMDB environment (all databases below)
+``lock.mdb``           LMDB's reader table
+``casfs.lock``         ``flock`` held by the one writer process; holds its PID as text
+=====================  ==================================================================
+
+LMDB databases
+--------------
+============  ============================  =====================================================
+db            key                           value
+============  ============================  =====================================================
+meta          ascii name                    see ``META_*`` below: format, uuid, next inode,
+                                            chunker parameters, zstd level, statistics counters
+objects       digest (32, BLAKE3-256 of     1 header byte (``kind << 4 | codec``) + payload
+              the plain bytes)              (raw bytes, or one zstd frame)
+refs          digest                        refcount u64 + plain length u32. An object exists
+                                            exactly when its refs row does; count >= 1.
+inodes        ino u64                       packed :class:`casfs.tree.records.Inode`; a
+                                            symlink's target follows the fixed part
+dirents       parent u64 + name             child ino u64 + cookie u64
+dircookies    parent u64 + cookie u64       child ino u64 + name (readdir order; cookies only
+                                            grow, so a listing never skips or repeats)
+extents       ino u64 + file offset u64     digest (32) + length u32. Missing ranges are holes.
+                                            Every extent covers one whole chunk.
+xattrs        ino u64 + name                value
+orphans       ino u64                       empty. Inodes with nlink == 0 kept alive by a
+                                            holder (open file, kernel lookup); freed at mount.
+============  ============================  =====================================================
+
+Refcount of a chunk = number of extents (and, later, manifests) naming it. It changes in the
+same transaction as the references it counts.
+"""
+
+from __future__ import annotations
+
+import struct
+
+FORMAT_VERSION = 1
+MARKER_FILE = "casfs-store.json"
+LOCK_FILE = "casfs.lock"
+
+DIGEST_SIZE = 32
+ROOT_INO = 1
+
+DB_NAMES = (
+    b"meta",
+    b"objects",
+    b"refs",
+    b"inodes",
+    b"dirents",
+    b"dircookies",
+    b"extents",
+    b"xattrs",
+    b"orphans",
+)
+
+# meta keys
+META_FORMAT = b"format"
+META_UUID = b"uuid"
+META_NEXT_INO = b"next_ino"
+META_CHUNK_MIN = b"chunk_min"
+META_CHUNK_AVG = b"chunk_avg"
+META_CHUNK_MAX = b"chunk_max"
+META_ZSTD_LEVEL = b"zstd_level"
+# Statistics counters, kept exact in the same transaction as the change they count, so that
+# `casfs stats` and statfs never scan a table.
+STAT_OBJECTS = b"stat.objects"  # number of stored objects
+STAT_STORED_BYTES = b"stat.stored_bytes"  # bytes of object values on disk (header + payload)
+STAT_PLAIN_BYTES = b"stat.plain_bytes"  # uncompressed bytes of all unique objects
+STAT_REFERENCED_BYTES = b"stat.referenced_bytes"  # plain bytes summed over every reference
+STAT_INODES = b"stat.inodes"  # number of inode records
+STATS = (STAT_OBJECTS, STAT_STORED_BYTES, STAT_PLAIN_BYTES, STAT_REFERENCED_BYTES, STAT_INODES)
+
+# object header: kind in the high nibble, codec in the low nibble
+KIND_CHUNK = 0
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+_U64 = struct.Struct(">Q")
+_U64_U64 = struct.Struct(">QQ")
+_REF = struct.Struct(">QI")
+_EXTENT = struct.Struct(">32sI")
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def read_u64(b: bytes) -> int:
+    return _U64.unpack(b)[0]
+
+
+def ino_key(ino: int) -> bytes:
+    return _U64.pack(ino)
+
+
+def dirent_key(parent: int, name: bytes) -> bytes:
+    return _U64.pack(parent) + name
+
+
+def dirent_value(child: int, cookie: int) -> bytes:
+    return _U64_U64.pack(child, cookie)
+
+
+def read_dirent_value(b: bytes) -> tuple[int, int]:
+    return _U64_U64.unpack(b)
+
+
+def cookie_key(parent: int, cookie: int) -> bytes:
+    return _U64_U64.pack(parent, cookie)
+
+
+def read_cookie_key(b: bytes) -> tuple[int, int]:
+    return _U64_U64.unpack(b)
+
+
+def cookie_value(child: int, name: bytes) -> bytes:
+    return _U64.pack(child) + name
+
+
+def read_cookie_value(b: bytes) -> tuple[int, bytes]:
+    return _U64.unpack_from(b)[0], bytes(b[8:])
+
+
+def extent_key(ino: int, offset: int) -> bytes:
+    return _U64_U64.pack(ino, offset)
+
+
+def read_extent_key(b: bytes) -> tuple[int, int]:
+    return _U64_U64.unpack(b)
+
+
+def extent_value(digest: bytes, length: int) -> bytes:
+    return _EXTENT.pack(digest, length)
+
+
+def read_extent_value(b: bytes) -> tuple[bytes, int]:
+    return _EXTENT.unpack(b)
+
+
+def ref_value(count: int, plain_len: int) -> bytes:
+    return _REF.pack(count, plain_len)
+
+
+def read_ref_value(b: bytes) -> tuple[int, int]:
+    return _REF.unpack(b)
+
+
+def xattr_key(ino: int, name: bytes) -> bytes:
+    return _U64.pack(ino) + name
+
+
+def object_header(kind: int, codec: int) -> bytes:
+    return bytes(((kind << 4) | codec,))
+
+
+def split_object(value: bytes) -> tuple[int, int, bytes]:
+    """(kind, codec, payload) of an ``objects`` value."""
+    head = value[0]
+    return head >> 4, head & 0x0F, value[1:]

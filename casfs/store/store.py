@@ -1,0 +1,499 @@
+"""The content-addressed object store: one LMDB environment in a store directory.
+
+Transactions
+    LMDB allows one write transaction at a time, bound to the thread that began it. All writes
+    go through :meth:`Store.run_write`, which runs a function inside a write transaction and
+    retries it after growing the map when LMDB reports the map full. A caller that wants group
+    commit (the mount) opens a *batch* with :meth:`Store.begin_batch`; operations then run in
+    child transactions of the batch, so a failed operation leaves no trace, and the batch is
+    made durable by :meth:`Store.commit_batch`.
+
+Objects and refcounts
+    :meth:`add_ref` stores an object on its first reference and counts the others;
+    :meth:`drop_ref` frees it with its last. Both change the statistics counters in ``meta`` in
+    the same transaction, so ``casfs stats`` never scans a table.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import lmdb
+
+from casfs.errors import CasfsError, CorruptObject, NoSpace, StoreError
+from casfs.store import layout
+from casfs.store.chunker import DEFAULT_AVG, ChunkParams, require_compiled_chunker
+from casfs.store.codec import Codec
+from casfs.store.lock import WriterLock
+
+T = TypeVar("T")
+
+INITIAL_MAP_SIZE = 1 << 30
+# Grow the map before a write transaction once the data file uses more than this share of it,
+# so a batch of writes rarely meets MapFullError (which costs an abort and a retry).
+GROW_AT = 0.7
+DEFAULT_ZSTD_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    objects: int
+    stored_bytes: int
+    plain_bytes: int
+    referenced_bytes: int
+    inodes: int
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.plain_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+    @property
+    def dedup_ratio(self) -> float:
+        return self.referenced_bytes / self.plain_bytes if self.plain_bytes else 1.0
+
+
+class Tx:
+    """A transaction with the store's databases at hand. Valid only inside its ``with`` or
+    ``run_write`` body, and only on the thread that opened it."""
+
+    __slots__ = ("txn", "dbs", "write")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[bytes, object], write: bool) -> None:
+        self.txn = txn
+        self.dbs = dbs
+        self.write = write
+
+    def get(self, db: bytes, key: bytes) -> bytes | None:
+        return self.txn.get(key, db=self.dbs[db])
+
+    def put(self, db: bytes, key: bytes, value: bytes) -> None:
+        self.txn.put(key, value, db=self.dbs[db])
+
+    def insert(self, db: bytes, key: bytes, value: bytes) -> bool:
+        """Put unless the key exists; True when it was put."""
+        return self.txn.put(key, value, db=self.dbs[db], overwrite=False)
+
+    def delete(self, db: bytes, key: bytes) -> bool:
+        return self.txn.delete(key, db=self.dbs[db])
+
+    def cursor(self, db: bytes) -> lmdb.Cursor:
+        return self.txn.cursor(db=self.dbs[db])
+
+    def get_u64(self, key: bytes) -> int:
+        value = self.get(b"meta", key)
+        return layout.read_u64(value) if value else 0
+
+    def add_u64(self, key: bytes, delta: int) -> None:
+        if delta:
+            self.put(b"meta", key, layout.u64(self.get_u64(key) + delta))
+
+    def prefix(self, db: bytes, prefix: bytes, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs whose key starts with ``prefix``, from ``prefix + start`` on."""
+        cur = self.cursor(db)
+        if not cur.set_range(prefix + start):
+            return
+        for key, value in cur:
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
+
+def _lmdb_failure(exc: lmdb.Error, path: str) -> CasfsError:
+    """Turn an LMDB error into one clear line (and the right errno)."""
+    if isinstance(exc, lmdb.MapFullError):
+        return NoSpace(f"store {path}: the database map is full")
+    text = str(exc)
+    if "No space left" in text or "Disk quota" in text or getattr(exc, "errno", 0) == errno.ENOSPC:
+        return NoSpace(f"store {path}: no space left on device")
+    if isinstance(exc, (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError)):
+        return StoreError(f"store {path}: database is damaged ({text.strip()})")
+    if isinstance(exc, lmdb.VersionMismatchError):
+        return StoreError(f"store {path}: database was written by an incompatible LMDB ({text})")
+    return StoreError(f"store {path}: database error ({text.strip()})")
+
+
+def read_marker(path: str) -> dict:
+    """The store's marker file, checked; raises a one-line :class:`StoreError` otherwise."""
+    if not os.path.exists(path):
+        raise StoreError(f"store {path} does not exist", errno.ENOENT)
+    if not os.path.isdir(path):
+        raise StoreError(f"{path} is not a casfs store (not a directory)", errno.ENOTDIR)
+    marker = os.path.join(path, layout.MARKER_FILE)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise StoreError(f"{path} is not a casfs store (no {layout.MARKER_FILE})") from None
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"store {path}: {layout.MARKER_FILE} is damaged ({exc})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("format"), int):
+        raise StoreError(f"store {path}: {layout.MARKER_FILE} is damaged (no format version)")
+    if info["format"] != layout.FORMAT_VERSION:
+        raise StoreError(
+            f"store {path} has format version {info['format']}; this casfs reads version "
+            f"{layout.FORMAT_VERSION}"
+        )
+    return info
+
+
+class Store:
+    """An open store. ``writer=True`` takes the store's exclusive writer lock."""
+
+    def __init__(self, path: str, *, writer: bool = True) -> None:
+        require_compiled_chunker()
+        self.path = os.path.abspath(path)
+        info = read_marker(self.path)
+        self.uuid: str = info.get("uuid", "")
+        self.writer = writer
+        self._lock = WriterLock(os.path.join(self.path, layout.LOCK_FILE)) if writer else None
+        if self._lock:
+            self._lock.acquire(self.path)
+        data_file = os.path.join(self.path, "data.mdb")
+        if not os.path.exists(data_file):
+            self._release_lock()
+            raise StoreError(f"store {self.path}: data.mdb is missing")
+        try:
+            size = os.path.getsize(data_file)
+            self.env = lmdb.open(
+                self.path,
+                map_size=max(INITIAL_MAP_SIZE, 2 * size),
+                max_dbs=len(layout.DB_NAMES) + 4,
+                readonly=not writer,
+                create=False,
+                readahead=False,
+                max_readers=256,
+            )
+            self.dbs = {name: self.env.open_db(name, create=False) for name in layout.DB_NAMES}
+        except lmdb.Error as exc:
+            self._release_lock()
+            raise _lmdb_failure(exc, self.path) from None
+        self._owner = threading.get_ident()
+        self._stack: list[Tx] = []
+        self._batch: Tx | None = None
+        with self.read() as tx:
+            fmt = tx.get_u64(layout.META_FORMAT)
+            stored_uuid = (tx.get(b"meta", layout.META_UUID) or b"").decode()
+            self.params = ChunkParams(
+                min=tx.get_u64(layout.META_CHUNK_MIN),
+                avg=tx.get_u64(layout.META_CHUNK_AVG),
+                max=tx.get_u64(layout.META_CHUNK_MAX),
+            )
+            zstd_level = tx.get_u64(layout.META_ZSTD_LEVEL)
+        if fmt != layout.FORMAT_VERSION or stored_uuid != self.uuid or not self.params.avg:
+            self.close()
+            raise StoreError(f"store {self.path}: database does not match its marker file")
+        self.codec = Codec(zstd_level)
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        *,
+        chunk_avg: int = DEFAULT_AVG,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        initialize: Callable[[Tx], None] | None = None,
+    ) -> Store:
+        """Make a new store at ``path`` (absent or an empty directory) and open it.
+
+        ``initialize`` runs in the first transaction (the tree layer makes its root inode
+        there). The marker file is written last, so a half-made store is never taken for one.
+        """
+        require_compiled_chunker()
+        path = os.path.abspath(path)
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise StoreError(f"cannot create store: {path} exists and is not a directory")
+            if os.listdir(path):
+                raise StoreError(f"cannot create store: {path} is not empty")
+            os.chmod(path, 0o700)
+        else:
+            parent = os.path.dirname(path)
+            if not os.path.isdir(parent):
+                raise StoreError(f"cannot create store: {parent} does not exist", errno.ENOENT)
+            try:
+                os.mkdir(path, 0o700)
+            except OSError as exc:
+                raise StoreError(f"cannot create store {path}: {exc.strerror}") from None
+        if not 1 <= zstd_level <= 22:
+            raise StoreError(f"zstd level must be 1..22, not {zstd_level}")
+        params = ChunkParams.for_average(chunk_avg)
+        store_uuid = str(uuidlib.uuid4())
+        lock = WriterLock(os.path.join(path, layout.LOCK_FILE))
+        lock.acquire(path)
+        try:
+            old_umask = os.umask(0o077)
+            try:
+                env = lmdb.open(path, map_size=INITIAL_MAP_SIZE, max_dbs=len(layout.DB_NAMES) + 4)
+            finally:
+                os.umask(old_umask)
+            try:
+                with env.begin(write=True) as txn:
+                    dbs = {name: env.open_db(name, txn=txn) for name in layout.DB_NAMES}
+                    tx = Tx(txn, dbs, True)
+                    tx.put(b"meta", layout.META_FORMAT, layout.u64(layout.FORMAT_VERSION))
+                    tx.put(b"meta", layout.META_UUID, store_uuid.encode())
+                    tx.put(b"meta", layout.META_CHUNK_MIN, layout.u64(params.min))
+                    tx.put(b"meta", layout.META_CHUNK_AVG, layout.u64(params.avg))
+                    tx.put(b"meta", layout.META_CHUNK_MAX, layout.u64(params.max))
+                    tx.put(b"meta", layout.META_ZSTD_LEVEL, layout.u64(zstd_level))
+                    tx.put(b"meta", layout.META_NEXT_INO, layout.u64(layout.ROOT_INO))
+                    if initialize:
+                        initialize(tx)
+                env.sync(True)
+            finally:
+                env.close()
+            marker = {"format": layout.FORMAT_VERSION, "uuid": store_uuid, "kind": "casfs"}
+            tmp = os.path.join(path, layout.MARKER_FILE + ".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(marker, f)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, os.path.join(path, layout.MARKER_FILE))
+            dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except lmdb.Error as exc:
+            raise _lmdb_failure(exc, path) from None
+        except OSError as exc:
+            raise StoreError(f"cannot create store {path}: {exc.strerror}", exc.errno) from None
+        finally:
+            lock.release()
+        return cls(path)
+
+    def _release_lock(self) -> None:
+        if self._lock:
+            self._lock.release()
+
+    def close(self) -> None:
+        if self._batch is not None:
+            self.commit_batch()
+        env = getattr(self, "env", None)
+        if env is not None:
+            env.close()
+            self.env = None
+        self._release_lock()
+
+    def record_owner_pid(self) -> None:
+        """After a daemonizing fork: the lock file names the process that now holds it."""
+        if self._lock:
+            self._lock.record_pid()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transactions -----------------------------------------------------------------------
+
+    def _new_tx(self, write: bool, parent: Tx | None = None) -> Tx:
+        try:
+            txn = self.env.begin(write=write, parent=parent.txn if parent else None)
+        except lmdb.MapResizedError:
+            # Another process grew the map: adopt its size and try again.
+            self.env.set_mapsize(0)
+            txn = self.env.begin(write=write, parent=parent.txn if parent else None)
+        return Tx(txn, self.dbs, write)
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """A transaction to read in: the open write transaction when this thread has one (so
+        the writer sees its own uncommitted changes), else a fresh read-only snapshot."""
+        if self._stack and threading.get_ident() == self._owner:
+            yield self._stack[-1]
+            return
+        try:
+            tx = self._new_tx(False)
+        except lmdb.Error as exc:
+            raise _lmdb_failure(exc, self.path) from None
+        try:
+            yield tx
+        finally:
+            tx.txn.abort()
+
+    def run_write(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn(tx)`` in a write transaction and commit it (durably unless in a batch).
+
+        Nested calls join the running transaction. When the map is full, the transaction is
+        aborted, the map grown and ``fn`` run again, so ``fn`` must not have effects outside
+        the transaction that a second run would repeat wrongly.
+        """
+        if not self.writer:
+            raise StoreError(f"store {self.path} is open read-only", errno.EROFS)
+        if self._stack:
+            return fn(self._stack[-1])
+        for _attempt in range(8):
+            self._grow_if_needed()
+            tx = self._new_tx(True, self._batch)
+            self._stack.append(tx)
+            try:
+                result = fn(tx)
+            except lmdb.MapFullError:
+                tx.txn.abort()
+                self._stack.pop()
+                self._grow(force=True)
+                continue
+            except lmdb.Error as exc:
+                tx.txn.abort()
+                self._stack.pop()
+                raise _lmdb_failure(exc, self.path) from None
+            except BaseException:
+                tx.txn.abort()
+                self._stack.pop()
+                raise
+            self._stack.pop()
+            try:
+                tx.txn.commit()
+            except lmdb.MapFullError:
+                self._grow(force=True)
+                continue
+            except lmdb.Error as exc:
+                if self._batch is not None:
+                    self._drop_batch()
+                raise _lmdb_failure(exc, self.path) from None
+            return result
+        raise NoSpace(f"store {self.path}: the database map cannot grow")
+
+    def begin_batch(self) -> None:
+        """Start group commit: later writes run in child transactions of one batch, made
+        durable together by :meth:`commit_batch`. Reads on this thread see the batch."""
+        assert self._batch is None and not self._stack
+        self._grow_if_needed()
+        self._batch = self._new_tx(True)
+        self._stack.append(self._batch)
+
+    def commit_batch(self) -> None:
+        """Commit (durably) the open batch, if any."""
+        batch = self._batch
+        if batch is None:
+            return
+        self._batch = None
+        self._stack.clear()
+        try:
+            batch.txn.commit()
+        except lmdb.Error as exc:
+            raise _lmdb_failure(exc, self.path) from None
+
+    def _drop_batch(self) -> None:
+        if self._batch is not None:
+            self._batch.txn.abort()
+            self._batch = None
+            self._stack.clear()
+
+    @property
+    def in_batch(self) -> bool:
+        return self._batch is not None
+
+    def _grow_if_needed(self) -> None:
+        info = self.env.info()
+        used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
+        if used > info["map_size"] * GROW_AT:
+            self._grow()
+
+    def _grow(self, force: bool = False) -> None:
+        """Double the map. Needs no transaction open in this process: an open batch is
+        committed first (its changes are whole operations, so that is safe)."""
+        reopen = self._batch is not None
+        if reopen:
+            self.commit_batch()
+        size = self.env.info()["map_size"]
+        self.env.set_mapsize(size * 2)
+        if reopen:
+            self.begin_batch()
+
+    def sync(self) -> None:
+        """Flush the data file to disk (commits are durable already; this covers a batch
+        committed with ``sync=False`` by callers that tune it)."""
+        self.env.sync(True)
+
+    # -- objects and refcounts --------------------------------------------------------------
+
+    def has_object(self, tx: Tx, digest: bytes) -> bool:
+        return tx.get(b"refs", digest) is not None
+
+    def has_committed(self, digest: bytes) -> bool:
+        """Whether ``digest`` is in the last committed state; callable from any thread."""
+        txn = self.env.begin(db=self.dbs[b"refs"])
+        try:
+            return txn.get(digest) is not None
+        finally:
+            txn.abort()
+
+    def add_ref(self, tx: Tx, digest: bytes, value: bytes | None, plain_len: int) -> bool:
+        """Count one more reference to ``digest``; store ``value`` if it is new.
+
+        Returns True when the object was new. ``value`` may be None when the caller knows the
+        object exists; a missing object then raises (it would be a dangling reference).
+        """
+        ref = tx.get(b"refs", digest)
+        if ref is not None:
+            count, size = layout.read_ref_value(ref)
+            tx.put(b"refs", digest, layout.ref_value(count + 1, size))
+            tx.add_u64(layout.STAT_REFERENCED_BYTES, size)
+            return False
+        if value is None:
+            raise CorruptObject(digest, "referenced but not stored")
+        tx.put(b"objects", digest, value)
+        tx.put(b"refs", digest, layout.ref_value(1, plain_len))
+        tx.add_u64(layout.STAT_OBJECTS, 1)
+        tx.add_u64(layout.STAT_STORED_BYTES, len(value))
+        tx.add_u64(layout.STAT_PLAIN_BYTES, plain_len)
+        tx.add_u64(layout.STAT_REFERENCED_BYTES, plain_len)
+        return True
+
+    def drop_ref(self, tx: Tx, digest: bytes) -> bool:
+        """Remove one reference; free the object with its last. True when freed."""
+        ref = tx.get(b"refs", digest)
+        if ref is None:
+            raise CorruptObject(digest, "reference dropped but none counted")
+        count, size = layout.read_ref_value(ref)
+        tx.add_u64(layout.STAT_REFERENCED_BYTES, -size)
+        if count > 1:
+            tx.put(b"refs", digest, layout.ref_value(count - 1, size))
+            return False
+        value = tx.get(b"objects", digest)
+        tx.delete(b"refs", digest)
+        tx.delete(b"objects", digest)
+        tx.add_u64(layout.STAT_OBJECTS, -1)
+        tx.add_u64(layout.STAT_STORED_BYTES, -len(value) if value else 0)
+        tx.add_u64(layout.STAT_PLAIN_BYTES, -size)
+        return True
+
+    def load_value(self, tx: Tx, digest: bytes) -> bytes:
+        """The stored (still encoded) value of an object; decode it with ``self.codec``,
+        in a worker thread if it is large."""
+        value = tx.get(b"objects", digest)
+        if value is None:
+            raise CorruptObject(digest, "object is missing")
+        return value
+
+    def load(self, tx: Tx, digest: bytes) -> bytes:
+        return self.codec.decode(digest, self.load_value(tx, digest))
+
+    def stats(self) -> StoreStats:
+        with self.read() as tx:
+            return StoreStats(*(tx.get_u64(key) for key in layout.STATS))
+
+    def file_bytes(self) -> int:
+        """Bytes the store's files take on disk."""
+        total = 0
+        for name in os.listdir(self.path):
+            try:
+                total += os.stat(os.path.join(self.path, name)).st_blocks * 512
+            except OSError:
+                pass
+        return total

@@ -1,0 +1,535 @@
+"""The filesystem model: POSIX operations over the store, with Linux errno semantics.
+
+Every public method is one transaction (writes through :meth:`Store.run_write`, so a failed
+operation changes nothing and the mount's group commit can batch them). Permission checks
+are the kernel's (the mount uses ``default_permissions``); the model keeps the rules that are
+the filesystem's own: link counts, setgid inheritance, timestamps, rename constraints.
+
+Inode lifetime: an inode is freed when its link count is 0 and nothing holds it. The holder
+test (``is_held``) is the mount's lookup counts and open handles; until it lets go the inode
+sits in the ``orphans`` table, which :meth:`free_orphans` clears at the next mount after a
+crash. :meth:`release` is the hook the holder calls when it lets go.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import stat
+import time
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, TypeVar
+
+from casfs.errors import FsError
+from casfs.store import layout
+from casfs.store.pipeline import Pipeline
+from casfs.store.store import Store, Tx
+from casfs.tree import directory
+from casfs.tree.content import MAX_REGION, Content
+from casfs.tree.records import NAME_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, Inode
+
+ROOT_INO = layout.ROOT_INO
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def _writes(fn: Callable[Concatenate[Filesystem, Tx, P], R]) -> Callable[Concatenate[Filesystem, P], R]:
+    """Run the method in a write transaction (joined if one is open)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Filesystem, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.store.run_write(lambda tx: fn(self, tx, *args, **kwargs))
+
+    return wrapper
+
+
+def _reads(fn: Callable[Concatenate[Filesystem, Tx, P], R]) -> Callable[Concatenate[Filesystem, P], R]:
+    """Run the method in a read transaction (the open write transaction, if any)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Filesystem, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self.store.read() as tx:
+            return fn(self, tx, *args, **kwargs)
+
+    return wrapper
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL, f"invalid name {name!r}")
+
+
+def make_root(tx: Tx, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
+    """Create the root directory in a new store (runs in the store's first transaction)."""
+    t = now_ns()
+    root = Inode(ROOT_INO, stat.S_IFDIR | mode, 2, uid, gid, 0, 0, t, t, t, ROOT_INO)
+    tx.put(b"inodes", layout.ino_key(ROOT_INO), root.pack())
+    tx.put(b"meta", layout.META_NEXT_INO, layout.u64(ROOT_INO + 1))
+    tx.add_u64(layout.STAT_INODES, 1)
+
+
+class Filesystem:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        is_held: Callable[[int], bool] | None = None,
+        cache_bytes: int = 64 << 20,
+        workers: int | None = None,
+    ) -> None:
+        self.store = store
+        self.pipeline = Pipeline(store, workers)
+        self.content = Content(store, self.pipeline, cache_bytes)
+        self.is_held: Callable[[int], bool] = is_held or (lambda ino: False)
+
+    @classmethod
+    def create_store(cls, path: str, **options: int) -> Store:
+        return Store.create(path, initialize=make_root, **options)
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+    # -- records ----------------------------------------------------------------------------
+
+    def _get(self, tx: Tx, ino: int) -> Inode:
+        data = tx.get(b"inodes", layout.ino_key(ino))
+        if data is None:
+            raise FsError(errno.ENOENT, f"inode {ino}")
+        return Inode.unpack(ino, data)
+
+    def _put(self, tx: Tx, inode: Inode) -> Inode:
+        tx.put(b"inodes", layout.ino_key(inode.ino), inode.pack())
+        return inode
+
+    def _dir(self, tx: Tx, ino: int, *, for_new_entry: bool = False) -> Inode:
+        inode = self._get(tx, ino)
+        if not inode.is_dir:
+            raise FsError(errno.ENOTDIR, f"inode {ino}")
+        if for_new_entry and inode.nlink == 0:
+            raise FsError(errno.ENOENT, f"directory {ino} was removed")
+        return inode
+
+    def _child(self, tx: Tx, parent: int, name: bytes) -> int:
+        self._dir(tx, parent)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
+        child = directory.find(tx, parent, name)
+        if child is None:
+            raise FsError(errno.ENOENT, repr(name))
+        return child
+
+    def _touch_dir(self, tx: Tx, ino: int, nlink_delta: int = 0, t: int | None = None) -> None:
+        t = t or now_ns()
+        d = self._get(tx, ino)
+        self._put(tx, d.but(nlink=d.nlink + nlink_delta, mtime_ns=t, ctime_ns=t))
+
+    def _new_inode(
+        self,
+        tx: Tx,
+        parent_ino: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes = b"",
+    ) -> Inode:
+        check_name(name)
+        parent = self._dir(tx, parent_ino, for_new_entry=True)
+        if directory.find(tx, parent_ino, name) is not None:
+            raise FsError(errno.EEXIST, repr(name))
+        is_dir = stat.S_ISDIR(mode)
+        if parent.mode & stat.S_ISGID:  # BSD group semantics of a setgid directory
+            gid = parent.gid
+            if is_dir:
+                mode |= stat.S_ISGID
+        ino = tx.get_u64(layout.META_NEXT_INO)
+        tx.put(b"meta", layout.META_NEXT_INO, layout.u64(ino + 1))
+        tx.add_u64(layout.STAT_INODES, 1)
+        t = now_ns()
+        inode = Inode(
+            ino,
+            mode,
+            2 if is_dir else 1,
+            uid,
+            gid,
+            rdev,
+            len(target),
+            t,
+            t,
+            t,
+            parent=parent_ino if is_dir else 0,
+            target=target,
+        )
+        self._put(tx, inode)
+        parent = directory.add(tx, parent, name, ino)
+        self._put(tx, parent.but(nlink=parent.nlink + is_dir, mtime_ns=t, ctime_ns=t))
+        return inode
+
+    def _unlinked(self, tx: Tx, inode: Inode) -> None:
+        """``inode`` lost a link (already stored): free it, or park it as an orphan."""
+        if inode.nlink > 0:
+            return
+        tx.put(b"orphans", layout.ino_key(inode.ino), b"")
+        if not self.is_held(inode.ino):
+            self._free(tx, inode.ino)
+
+    def _free(self, tx: Tx, ino: int) -> None:
+        self.content.drop_all(tx, ino)
+        for key, _ in list(tx.prefix(b"xattrs", layout.ino_key(ino))):
+            tx.delete(b"xattrs", key)
+        tx.delete(b"orphans", layout.ino_key(ino))
+        if tx.delete(b"inodes", layout.ino_key(ino)):
+            tx.add_u64(layout.STAT_INODES, -1)
+
+    # -- lookups and attributes -------------------------------------------------------------
+
+    @_reads
+    def getattr(self, tx: Tx, ino: int) -> Inode:
+        return self._get(tx, ino)
+
+    @_reads
+    def lookup(self, tx: Tx, parent: int, name: bytes) -> Inode:
+        if name == b".":
+            return self._dir(tx, parent)
+        if name == b"..":
+            return self._get(tx, self._dir(tx, parent).parent)
+        return self._get(tx, self._child(tx, parent, name))
+
+    @_reads
+    def readlink(self, tx: Tx, ino: int) -> bytes:
+        inode = self._get(tx, ino)
+        if not inode.is_symlink:
+            raise FsError(errno.EINVAL, f"inode {ino} is not a symlink")
+        return inode.target
+
+    @_reads
+    def readdir(
+        self, tx: Tx, ino: int, after: int = 0, limit: int | None = None
+    ) -> list[tuple[int, bytes, Inode]]:
+        """(cookie, name, attributes) of entries with cookies above ``after``; resume a
+        listing by passing the last cookie returned."""
+        self._dir(tx, ino)
+        out = []
+        for cookie, name, child in directory.entries(tx, ino, after):
+            out.append((cookie, name, self._get(tx, child)))
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    @_writes
+    def setattr(
+        self,
+        tx: Tx,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> Inode:
+        inode = self._get(tx, ino)
+        t = now_ns()
+        changes: dict[str, int] = {"ctime_ns": t}
+        if size is not None:
+            if inode.is_dir:
+                raise FsError(errno.EISDIR, f"inode {ino}")
+            if not inode.is_reg:
+                raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
+            if size < 0:
+                raise FsError(errno.EINVAL, "negative size")
+            if size < inode.size:
+                changes["data_bytes"] = inode.data_bytes + self.content.truncate(tx, ino, size)
+            changes["size"] = size
+            changes["mtime_ns"] = t
+        if mode is not None:
+            changes["mode"] = stat.S_IFMT(inode.mode) | stat.S_IMODE(mode)
+        if uid is not None:
+            changes["uid"] = uid
+        if gid is not None:
+            changes["gid"] = gid
+        if atime_ns is not None:
+            changes["atime_ns"] = atime_ns
+        if mtime_ns is not None:
+            changes["mtime_ns"] = mtime_ns
+        return self._put(tx, inode.but(**changes))
+
+    # -- namespace --------------------------------------------------------------------------
+
+    @_writes
+    def mknod(
+        self, tx: Tx, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0
+    ) -> Inode:
+        """Create a regular file, fifo, socket or device node (``mode`` carries the type)."""
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise FsError(errno.EINVAL, f"cannot mknod file type {kind:o}")
+        return self._new_inode(tx, parent, name, kind | stat.S_IMODE(mode), uid, gid, rdev)
+
+    def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        return self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
+
+    @_writes
+    def mkdir(self, tx: Tx, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
+        return self._new_inode(tx, parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
+
+    @_writes
+    def symlink(
+        self, tx: Tx, parent: int, name: bytes, target: bytes, uid: int, gid: int
+    ) -> Inode:
+        if not target or len(target) > 4095:
+            raise FsError(errno.ENAMETOOLONG if target else errno.ENOENT, "symlink target")
+        return self._new_inode(tx, parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    @_writes
+    def link(self, tx: Tx, ino: int, new_parent: int, new_name: bytes) -> Inode:
+        inode = self._get(tx, ino)
+        if inode.is_dir:
+            raise FsError(errno.EPERM, "hard link to a directory")
+        check_name(new_name)
+        parent = self._dir(tx, new_parent, for_new_entry=True)
+        if directory.find(tx, new_parent, new_name) is not None:
+            raise FsError(errno.EEXIST, repr(new_name))
+        if inode.nlink == 0:
+            raise FsError(errno.ENOENT, f"inode {ino} was removed")
+        t = now_ns()
+        self._put(tx, directory.add(tx, parent, new_name, ino).but(mtime_ns=t, ctime_ns=t))
+        return self._put(tx, inode.but(nlink=inode.nlink + 1, ctime_ns=t))
+
+    @_writes
+    def unlink(self, tx: Tx, parent: int, name: bytes) -> None:
+        child = self._get(tx, self._child(tx, parent, name))
+        if child.is_dir:
+            raise FsError(errno.EISDIR, repr(name))
+        t = now_ns()
+        directory.remove(tx, parent, name)
+        self._touch_dir(tx, parent, t=t)
+        child = self._put(tx, child.but(nlink=child.nlink - 1, ctime_ns=t))
+        self._unlinked(tx, child)
+
+    @_writes
+    def rmdir(self, tx: Tx, parent: int, name: bytes) -> None:
+        if name == b".":
+            raise FsError(errno.EINVAL, "rmdir .")
+        child = self._get(tx, self._child(tx, parent, name))
+        if not child.is_dir:
+            raise FsError(errno.ENOTDIR, repr(name))
+        if not directory.is_empty(tx, child.ino):
+            raise FsError(errno.ENOTEMPTY, repr(name))
+        t = now_ns()
+        directory.remove(tx, parent, name)
+        self._touch_dir(tx, parent, nlink_delta=-1, t=t)
+        self._unlinked(tx, self._put(tx, child.but(nlink=0, ctime_ns=t)))
+
+    def _is_ancestor(self, tx: Tx, ancestor: int, ino: int) -> bool:
+        """Whether directory ``ancestor`` is ``ino`` or lies on its path to the root."""
+        while True:
+            if ino == ancestor:
+                return True
+            if ino == ROOT_INO:
+                return False
+            ino = self._get(tx, ino).parent
+
+    @_writes
+    def rename(
+        self, tx: Tx, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+    ) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+            flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE
+        ):
+            raise FsError(errno.EINVAL, f"rename flags {flags:#x}")
+        if flags & RENAME_WHITEOUT:
+            raise FsError(errno.EINVAL, "RENAME_WHITEOUT is not supported")
+        for n in (name, new_name):
+            if n in (b".", b".."):
+                raise FsError(errno.EINVAL if n == b"." else errno.ENOTEMPTY, "rename of . or ..")
+        src = self._get(tx, self._child(tx, parent, name))
+        check_name(new_name)
+        self._dir(tx, new_parent, for_new_entry=True)
+        dst_ino = directory.find(tx, new_parent, new_name)
+        t = now_ns()
+        if flags & RENAME_EXCHANGE:
+            if dst_ino is None:
+                raise FsError(errno.ENOENT, repr(new_name))
+            self._exchange(tx, parent, name, src, new_parent, new_name, self._get(tx, dst_ino), t)
+            return
+        if dst_ino == src.ino:
+            return  # both names already link the same inode: POSIX says do nothing
+        if dst_ino is not None and flags & RENAME_NOREPLACE:
+            raise FsError(errno.EEXIST, repr(new_name))
+        if src.is_dir and self._is_ancestor(tx, src.ino, new_parent):
+            raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        if dst_ino is not None:
+            dst = self._get(tx, dst_ino)
+            if src.is_dir and not dst.is_dir:
+                raise FsError(errno.ENOTDIR, repr(new_name))
+            if not src.is_dir and dst.is_dir:
+                raise FsError(errno.EISDIR, repr(new_name))
+            if dst.is_dir and not directory.is_empty(tx, dst.ino):
+                raise FsError(errno.ENOTEMPTY, repr(new_name))
+        directory.remove(tx, parent, name)
+        if dst_ino is not None:
+            directory.retarget(tx, new_parent, new_name, src.ino)
+            nlink = 0 if dst.is_dir else dst.nlink - 1
+            self._touch_dir(tx, new_parent, nlink_delta=-dst.is_dir, t=t)
+            self._unlinked(tx, self._put(tx, dst.but(nlink=nlink, ctime_ns=t)))
+        else:
+            self._put(tx, directory.add(tx, self._get(tx, new_parent), new_name, src.ino))
+        if src.is_dir and parent != new_parent:
+            self._touch_dir(tx, parent, nlink_delta=-1, t=t)
+            self._touch_dir(tx, new_parent, nlink_delta=+1, t=t)
+            src = src.but(parent=new_parent)
+        else:
+            self._touch_dir(tx, parent, t=t)
+            self._touch_dir(tx, new_parent, t=t)
+        self._put(tx, src.but(ctime_ns=t))
+
+    def _exchange(
+        self,
+        tx: Tx,
+        parent: int,
+        name: bytes,
+        src: Inode,
+        new_parent: int,
+        new_name: bytes,
+        dst: Inode,
+        t: int,
+    ) -> None:
+        if parent != new_parent:
+            if src.is_dir and self._is_ancestor(tx, src.ino, new_parent):
+                raise FsError(errno.EINVAL, "cannot move a directory into itself")
+            if dst.is_dir and self._is_ancestor(tx, dst.ino, parent):
+                raise FsError(errno.EINVAL, "cannot move a directory into itself")
+        directory.retarget(tx, parent, name, dst.ino)
+        directory.retarget(tx, new_parent, new_name, src.ino)
+        moved = int(src.is_dir) - int(dst.is_dir)
+        if parent != new_parent:
+            self._touch_dir(tx, parent, nlink_delta=-moved, t=t)
+            self._touch_dir(tx, new_parent, nlink_delta=moved, t=t)
+        else:
+            self._touch_dir(tx, parent, t=t)
+        self._put(tx, src.but(ctime_ns=t, parent=new_parent if src.is_dir else 0))
+        self._put(tx, dst.but(ctime_ns=t, parent=parent if dst.is_dir else 0))
+
+    # -- content ----------------------------------------------------------------------------
+
+    def _regular(self, tx: Tx, ino: int) -> Inode:
+        inode = self._get(tx, ino)
+        if inode.is_dir:
+            raise FsError(errno.EISDIR, f"inode {ino}")
+        if not inode.is_reg:
+            raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
+        return inode
+
+    @_reads
+    def read(self, tx: Tx, ino: int, offset: int, length: int) -> bytes:
+        inode = self._regular(tx, ino)
+        if offset < 0 or length < 0:
+            raise FsError(errno.EINVAL, "negative offset or length")
+        return self.content.read(tx, ino, inode.size, offset, length)
+
+    def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at ``offset`` (past the end leaves a hole). Large writes commit in
+        pieces of at most MAX_REGION bytes, like a real filesystem's, not atomically."""
+        if offset < 0:
+            raise FsError(errno.EINVAL, "negative offset")
+        view = memoryview(data)
+        if not view:
+            self.getattr(ino)
+            return 0
+        for start in range(0, len(view), MAX_REGION):
+            self._write_piece(ino, offset + start, view[start : start + MAX_REGION])
+        return len(view)
+
+    @_writes
+    def _write_piece(self, tx: Tx, ino: int, offset: int, data: memoryview) -> None:
+        inode = self._regular(tx, ino)
+        delta = self.content.write(tx, ino, offset, data)
+        t = now_ns()
+        self._put(
+            tx,
+            inode.but(
+                size=max(inode.size, offset + len(data)),
+                data_bytes=inode.data_bytes + delta,
+                mtime_ns=t,
+                ctime_ns=t,
+            ),
+        )
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    @_reads
+    def getxattr(self, tx: Tx, ino: int, name: bytes) -> bytes:
+        self._get(tx, ino)
+        value = tx.get(b"xattrs", layout.xattr_key(ino, name))
+        if value is None:
+            raise FsError(errno.ENODATA, repr(name))
+        return value
+
+    @_reads
+    def listxattr(self, tx: Tx, ino: int) -> list[bytes]:
+        self._get(tx, ino)
+        return [key[8:] for key, _ in tx.prefix(b"xattrs", layout.ino_key(ino))]
+
+    @_writes
+    def setxattr(self, tx: Tx, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        inode = self._get(tx, ino)
+        if not name or len(name) > XATTR_NAME_MAX:
+            raise FsError(errno.ERANGE, "xattr name length")
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError(errno.E2BIG, "xattr value length")
+        key = layout.xattr_key(ino, name)
+        exists = tx.get(b"xattrs", key) is not None
+        if flags & XATTR_CREATE and exists:
+            raise FsError(errno.EEXIST, repr(name))
+        if flags & XATTR_REPLACE and not exists:
+            raise FsError(errno.ENODATA, repr(name))
+        tx.put(b"xattrs", key, bytes(value))
+        self._put(tx, inode.but(ctime_ns=now_ns()))
+
+    @_writes
+    def removexattr(self, tx: Tx, ino: int, name: bytes) -> None:
+        inode = self._get(tx, ino)
+        if not tx.delete(b"xattrs", layout.xattr_key(ino, name)):
+            raise FsError(errno.ENODATA, repr(name))
+        self._put(tx, inode.but(ctime_ns=now_ns()))
+
+    # -- inode lifetime ---------------------------------------------------------------------
+
+    @_writes
+    def release(self, tx: Tx, ino: int) -> bool:
+        """The holder let go of ``ino``: free it if it has no links. True when freed."""
+        data = tx.get(b"inodes", layout.ino_key(ino))
+        if data is None or Inode.unpack(ino, data).nlink > 0 or self.is_held(ino):
+            return False
+        self._free(tx, ino)
+        return True
+
+    @_writes
+    def free_orphans(self, tx: Tx) -> int:
+        """Free every unlinked inode nobody holds (at mount, after a crash). Returns how many."""
+        freed = 0
+        for key, _ in list(tx.prefix(b"orphans", b"")):
+            ino = layout.read_u64(key)
+            if not self.is_held(ino):
+                self._free(tx, ino)
+                freed += 1
+        return freed
+
+    @_reads
+    def orphans(self, tx: Tx) -> list[int]:
+        return [layout.read_u64(key) for key, _ in tx.prefix(b"orphans", b"")]

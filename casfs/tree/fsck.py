@@ -1,0 +1,231 @@
+"""Consistency check: recount every reference from the roots and compare with what is stored.
+
+Runs in one read transaction, so it sees a single committed state even while a mount writes.
+Each problem is reported with a kind (``leak``, ``dangling``, ``refcount``, ``nlink``,
+``orphan``, ``corrupt``, ``stats``, ``structure``) and a one-line message.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from casfs.errors import CorruptObject
+from casfs.store import layout
+from casfs.store.store import Store, Tx
+from casfs.tree.records import Inode
+
+ROOT = layout.ROOT_INO
+
+
+@dataclass
+class Problem:
+    kind: str
+    message: str
+
+
+@dataclass
+class FsckReport:
+    problems: list[Problem] = field(default_factory=list)
+    inodes: int = 0
+    objects: int = 0
+    extents: int = 0
+    verified_bytes: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    def add(self, kind: str, message: str) -> None:
+        self.problems.append(Problem(kind, message))
+
+
+def fsck(
+    store: Store, verify_data: bool = False, progress: Callable[[str], None] | None = None
+) -> FsckReport:
+    report = FsckReport()
+    with store.read() as tx:
+        inodes = _load_inodes(tx)
+        report.inodes = len(inodes)
+        paths = _check_namespace(tx, inodes, report)
+        refs = _check_extents(tx, inodes, report)
+        _check_objects(tx, refs, report)
+        _check_xattrs(tx, inodes, report)
+        _check_stats(tx, inodes, report)
+        if verify_data:
+            _verify_data(store, tx, paths, report, progress)
+    return report
+
+
+def _load_inodes(tx: Tx) -> dict[int, Inode]:
+    return {layout.read_u64(k): Inode.unpack(layout.read_u64(k), v) for k, v in tx.prefix(b"inodes", b"")}
+
+
+def _check_namespace(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> dict[int, bytes]:
+    """Walk the tree from the root; check links, parents, cookies. Returns a path per inode."""
+    links: Counter[int] = Counter()
+    subdirs: Counter[int] = Counter()
+    paths: dict[int, bytes] = {ROOT: b"/"}
+    if ROOT not in inodes or not inodes[ROOT].is_dir:
+        report.add("structure", "root directory is missing")
+        return paths
+    for key, value in tx.prefix(b"dirents", b""):
+        parent = layout.read_u64(key[:8])
+        name = key[8:]
+        child, cookie = layout.read_dirent_value(value)
+        where = f"entry {name!r} in directory {parent}"
+        if parent not in inodes or not inodes[parent].is_dir:
+            report.add("dangling", f"{where}: the directory does not exist")
+            continue
+        if child not in inodes:
+            report.add("dangling", f"{where}: names missing inode {child}")
+            continue
+        links[child] += 1
+        if inodes[child].is_dir:
+            subdirs[parent] += 1
+            if inodes[child].parent != parent:
+                report.add("structure", f"{where}: directory {child} records parent {inodes[child].parent}")
+        back = tx.get(b"dircookies", layout.cookie_key(parent, cookie))
+        if back is None or layout.read_cookie_value(back) != (child, name):
+            report.add("structure", f"{where}: readdir cookie {cookie} does not match")
+        if cookie >= inodes[parent].next_cookie:
+            report.add("structure", f"{where}: cookie {cookie} not below the directory's counter")
+    for key, value in tx.prefix(b"dircookies", b""):
+        parent, cookie = layout.read_cookie_key(key)
+        child, name = layout.read_cookie_value(value)
+        entry = tx.get(b"dirents", layout.dirent_key(parent, name))
+        if entry is None or layout.read_dirent_value(entry) != (child, cookie):
+            report.add("leak", f"readdir cookie {cookie} in directory {parent} has no entry")
+    # reachability and paths, breadth first from the root
+    queue = [ROOT]
+    reached = {ROOT}
+    while queue:
+        parent = queue.pop()
+        for key, value in tx.prefix(b"dirents", layout.ino_key(parent)):
+            child = layout.read_dirent_value(value)[0]
+            if child in inodes and child not in reached:
+                reached.add(child)
+                paths[child] = paths[parent].rstrip(b"/") + b"/" + key[8:]
+                if inodes[child].is_dir:
+                    queue.append(child)
+    orphans = {layout.read_u64(k) for k, _ in tx.prefix(b"orphans", b"")}
+    for ino, inode in inodes.items():
+        if ino in reached:
+            want = 2 + subdirs[ino] if inode.is_dir else links[ino]
+            if inode.nlink != want:
+                report.add("nlink", f"inode {ino} ({paths[ino]!r}) has nlink {inode.nlink}, counted {want}")
+        elif inode.nlink == 0 and ino in orphans:
+            report.add("orphan", f"inode {ino} is unlinked and not yet freed (freed at next mount)")
+        else:
+            report.add("leak", f"inode {ino} (nlink {inode.nlink}) is not reachable from the root")
+    for ino in orphans - inodes.keys():
+        report.add("leak", f"orphan list names missing inode {ino}")
+    next_ino = tx.get_u64(layout.META_NEXT_INO)
+    if inodes and max(inodes) >= next_ino:
+        report.add("structure", f"next inode number {next_ino} is not above inode {max(inodes)}")
+    return paths
+
+
+def _check_extents(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> Counter[bytes]:
+    refs: Counter[bytes] = Counter()
+    data_bytes: Counter[int] = Counter()
+    last_end: dict[int, int] = {}
+    for key, value in tx.prefix(b"extents", b""):
+        ino, offset = layout.read_extent_key(key)
+        digest, length = layout.read_extent_value(value)
+        report.extents += 1
+        refs[digest] += 1
+        inode = inodes.get(ino)
+        if inode is None or not stat.S_ISREG(inode.mode):
+            report.add("leak", f"extent at {offset} of inode {ino}, which is not a regular file")
+            continue
+        if offset < last_end.get(ino, 0):
+            report.add("structure", f"inode {ino}: extent at {offset} overlaps the one before")
+        if offset + length > inode.size:
+            report.add("structure", f"inode {ino}: extent at {offset} ends past the file size")
+        last_end[ino] = offset + length
+        data_bytes[ino] += length
+    for ino, inode in inodes.items():
+        if inode.is_reg and inode.data_bytes != data_bytes[ino]:
+            report.add("structure", f"inode {ino}: data_bytes {inode.data_bytes}, counted {data_bytes[ino]}")
+    return refs
+
+
+def _check_objects(tx: Tx, counted: Counter[bytes], report: FsckReport) -> None:
+    stored: dict[bytes, int] = {}
+    for digest, value in tx.prefix(b"refs", b""):
+        count, _ = layout.read_ref_value(value)
+        stored[digest] = count
+        if tx.get(b"objects", digest) is None:
+            report.add("dangling", f"object {digest.hex()} is counted but not stored")
+        want = counted.get(digest, 0)
+        if want == 0:
+            report.add("leak", f"object {digest.hex()} has refcount {count} but nothing refers to it")
+        elif count != want:
+            report.add("refcount", f"object {digest.hex()} has refcount {count}, counted {want}")
+    cur = tx.cursor(b"objects")
+    for digest in cur.iternext(keys=True, values=False):
+        report.objects += 1
+        if digest not in stored:
+            report.add("leak", f"object {digest.hex()} is stored without a refcount")
+    for digest in counted.keys() - stored.keys():
+        report.add("dangling", f"object {digest.hex()} is referenced {counted[digest]}x but missing")
+
+
+def _check_xattrs(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> None:
+    for key, _ in tx.prefix(b"xattrs", b""):
+        ino = layout.read_u64(key[:8])
+        if ino not in inodes:
+            report.add("leak", f"xattr {key[8:]!r} of missing inode {ino}")
+
+
+def _check_stats(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> None:
+    objects = stored = plain = referenced = 0
+    for digest, value in tx.prefix(b"refs", b""):
+        count, size = layout.read_ref_value(value)
+        obj = tx.get(b"objects", digest)
+        objects += 1
+        stored += len(obj) if obj else 0
+        plain += size
+        referenced += count * size
+    want = {
+        layout.STAT_OBJECTS: objects,
+        layout.STAT_STORED_BYTES: stored,
+        layout.STAT_PLAIN_BYTES: plain,
+        layout.STAT_REFERENCED_BYTES: referenced,
+        layout.STAT_INODES: len(inodes),
+    }
+    for key, value in want.items():
+        have = tx.get_u64(key)
+        if have != value:
+            report.add("stats", f"counter {key.decode()} is {have}, counted {value}")
+
+
+def _verify_data(
+    store: Store,
+    tx: Tx,
+    paths: dict[int, bytes],
+    report: FsckReport,
+    progress: Callable[[str], None] | None,
+) -> None:
+    bad: set[bytes] = set()
+    for n, (digest, value) in enumerate(tx.prefix(b"objects", b""), 1):
+        try:
+            report.verified_bytes += len(store.codec.decode(digest, value))
+        except CorruptObject:
+            bad.add(digest)
+        if progress and n % 1000 == 0:
+            progress(f"verified {n} objects, {report.verified_bytes >> 20} MiB")
+    if not bad:
+        return
+    users: defaultdict[bytes, set[bytes]] = defaultdict(set)
+    for key, value in tx.prefix(b"extents", b""):
+        digest = layout.read_extent_value(value)[0]
+        if digest in bad:
+            ino = layout.read_extent_key(key)[0]
+            users[digest].add(paths.get(ino, f"<inode {ino}>".encode()))
+    for digest in sorted(bad):
+        names = b", ".join(sorted(users[digest])).decode(errors="backslashreplace") or "no file"
+        report.add("corrupt", f"object {digest.hex()} does not match its digest; used by {names}")

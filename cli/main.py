@@ -1,0 +1,92 @@
+"""The ``casfs`` command: argument parsing and the one-line error policy.
+
+Every expected failure is a :class:`casfs.errors.CasfsError` and becomes one line on stderr
+with a non-zero exit; argparse's own errors are folded to one line too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from casfs.errors import CasfsError
+from casfs_cli import commands
+
+EXIT_PROBLEMS = 1  # fsck found problems
+EXIT_ERROR = 2  # the command could not do what was asked
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + error
+        self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def size_arg(text: str) -> int:
+    """``65536``, ``64K``, ``1M``: a byte count."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="casfs",
+        description="Content-addressed, versioned snapshot filesystem.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("init", help="create a new, empty store")
+    s.add_argument("store", metavar="STORE", help="directory to create (absent or empty)")
+    s.add_argument(
+        "--chunk-avg",
+        type=size_arg,
+        default=None,
+        metavar="SIZE",
+        help="FastCDC average chunk size: 16K, 32K or 64K (default 64K)",
+    )
+    s.add_argument("--zstd-level", type=int, default=3, metavar="N", help="1..22 (default 3)")
+    s.set_defaults(run=commands.init)
+
+    s = sub.add_parser("stats", help="space used, compression and dedup ratios")
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(run=commands.stats)
+
+    s = sub.add_parser("fsck", help="check refcounts, links and (optionally) every byte")
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--verify-data", action="store_true", help="also decode and hash every object")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(run=commands.fsck)
+
+    s = sub.add_parser("demo", help="make a demo store filled with sample files and show its stats")
+    s.add_argument("dir", metavar="DIR", nargs="?", default="/tmp/casfs-demo")
+    s.set_defaults(run=commands.demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except CasfsError as exc:
+        print(f"casfs {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"casfs {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"casfs {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
