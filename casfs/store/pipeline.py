@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from casfs.store.chunker import Chunker
@@ -91,12 +91,26 @@ class Pipeline:
 
     # -- read-back --------------------------------------------------------------------------
 
-    def decode_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
-        """Decode (digest, stored value) pairs, verifying each, on all cores."""
-        if len(items) < 4 or self.workers == 1:
-            return [self.store.codec.decode(d, v) for d, v in items]
+    def decode_async(self, items: Sequence[tuple[bytes, bytes]]) -> Future[list[bytes]]:
+        """Decode in the pool; the future's result (or CorruptObject) comes later."""
         decode = self.store.codec.decode
-        return list(self._pool.map(lambda item: decode(*item), items))
+        return self._pool.submit(lambda: [decode(d, v) for d, v in items])
+
+    def decode_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+        """Decode (digest, stored value) pairs, verifying each, on all cores: the caller's
+        thread takes the first share and the pool the others (one task per share, not per
+        chunk: a future costs about as much as decoding a small chunk)."""
+        decode = self.store.codec.decode
+        shares = min(self.workers, len(items) // 2)
+        if shares < 2:
+            return [decode(d, v) for d, v in items]
+        step = -(-len(items) // shares)
+        parts = [items[i : i + step] for i in range(0, len(items), step)]
+        futures = [self._pool.submit(lambda p: [decode(d, v) for d, v in p], p) for p in parts[1:]]
+        out = [decode(d, v) for d, v in parts[0]]
+        for f in futures:
+            out.extend(f.result())
+        return out
 
 
 _ZERO = bytes(1 << 20)

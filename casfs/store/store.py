@@ -33,6 +33,7 @@ from casfs.store import layout
 from casfs.store.chunker import DEFAULT_AVG, ChunkParams, require_compiled_chunker
 from casfs.store.codec import Codec
 from casfs.store.lock import WriterLock
+from casfs.store.memory import tune_malloc
 
 T = TypeVar("T")
 
@@ -41,6 +42,8 @@ INITIAL_MAP_SIZE = 1 << 30
 # so a batch of writes rarely meets MapFullError (which costs an abort and a retry).
 GROW_AT = 0.7
 DEFAULT_ZSTD_LEVEL = 3
+# A commit that fails while the disk has less free space than this is reported as ENOSPC.
+NEARLY_FULL_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -108,16 +111,26 @@ class Tx:
 
 def _lmdb_failure(exc: lmdb.Error, path: str) -> CasfsError:
     """Turn an LMDB error into one clear line (and the right errno)."""
+    text = str(exc).strip()
     if isinstance(exc, lmdb.MapFullError):
         return NoSpace(f"store {path}: the database map is full")
-    text = str(exc)
-    if "No space left" in text or "Disk quota" in text or getattr(exc, "errno", 0) == errno.ENOSPC:
-        return NoSpace(f"store {path}: no space left on device")
     if isinstance(exc, (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError)):
-        return StoreError(f"store {path}: database is damaged ({text.strip()})")
+        return StoreError(f"store {path}: database is damaged ({text})")
     if isinstance(exc, lmdb.VersionMismatchError):
         return StoreError(f"store {path}: database was written by an incompatible LMDB ({text})")
-    return StoreError(f"store {path}: database error ({text.strip()})")
+    if "No space left" in text or "Disk quota" in text or _disk_nearly_full(path):
+        # LMDB turns a short write at commit into EIO; a nearly full disk explains it.
+        return NoSpace(f"store {path}: no space left on device")
+    return StoreError(f"store {path}: database error ({text})")
+
+
+def _disk_nearly_full(path: str) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    avail = st.f_bavail * st.f_frsize
+    return avail < NEARLY_FULL_BYTES or avail < st.f_blocks * st.f_frsize * 0.01
 
 
 def read_marker(path: str) -> dict:
@@ -149,6 +162,7 @@ class Store:
 
     def __init__(self, path: str, *, writer: bool = True) -> None:
         require_compiled_chunker()
+        tune_malloc()
         self.path = os.path.abspath(path)
         info = read_marker(self.path)
         self.uuid: str = info.get("uuid", "")
@@ -209,6 +223,8 @@ class Store:
         there). The marker file is written last, so a half-made store is never taken for one.
         """
         require_compiled_chunker()
+        if not 1 <= zstd_level <= 22:
+            raise StoreError(f"zstd level must be 1..22, not {zstd_level}")
         path = os.path.abspath(path)
         if os.path.exists(path):
             if not os.path.isdir(path):
@@ -224,8 +240,6 @@ class Store:
                 os.mkdir(path, 0o700)
             except OSError as exc:
                 raise StoreError(f"cannot create store {path}: {exc.strerror}") from None
-        if not 1 <= zstd_level <= 22:
-            raise StoreError(f"zstd level must be 1..22, not {zstd_level}")
         params = ChunkParams.for_average(chunk_avg)
         store_uuid = str(uuidlib.uuid4())
         lock = WriterLock(os.path.join(path, layout.LOCK_FILE))
@@ -334,7 +348,7 @@ class Store:
         """
         if not self.writer:
             raise StoreError(f"store {self.path} is open read-only", errno.EROFS)
-        if self._stack:
+        if len(self._stack) > (self._batch is not None):  # inside another operation: join it
             return fn(self._stack[-1])
         for _attempt in range(8):
             self._grow_if_needed()

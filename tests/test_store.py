@@ -1,0 +1,297 @@
+"""The object store: opening, locking, refcounts, codec, corruption, map growth, full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from casfs.errors import CasfsError, CorruptObject, NoSpace, StoreError, StoreInUse
+from casfs.store import chunker, layout
+from casfs.store import store as store_module
+from casfs.store.codec import Codec, digest_of
+from casfs.store.pipeline import Pipeline
+from casfs.store.store import Store
+from casfs.tree.fs import ROOT_INO, Filesystem
+from casfs.tree.fsck import fsck
+
+
+def new_store(path) -> Store:
+    return Filesystem.create_store(str(path))
+
+
+def test_create_and_reopen(tmp_path):
+    s = new_store(tmp_path / "s")
+    uuid = s.uuid
+    assert s.params.avg == chunker.DEFAULT_AVG
+    s.close()
+    assert oct(os.stat(tmp_path / "s").st_mode & 0o777) == "0o700"
+    for name in os.listdir(tmp_path / "s"):
+        assert os.stat(tmp_path / "s" / name).st_mode & 0o077 == 0, name
+    with Store(str(tmp_path / "s")) as s2:
+        assert s2.uuid == uuid
+        assert s2.stats().inodes == 1
+
+
+def test_create_refuses_non_empty_dir_and_file(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x").write_text("x")
+    with pytest.raises(StoreError, match="not empty"):
+        new_store(tmp_path / "d")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StoreError, match="not a directory"):
+        new_store(tmp_path / "f")
+    with pytest.raises(StoreError, match="does not exist"):
+        new_store(tmp_path / "no" / "such")
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "does not exist"),
+        (lambda p: p.mkdir(), "not a casfs store"),
+        (lambda p: p.write_text("x"), "not a casfs store"),
+    ],
+)
+def test_open_not_a_store(tmp_path, setup, message):
+    path = tmp_path / "s"
+    setup(path)
+    with pytest.raises(StoreError, match=message):
+        Store(str(path))
+
+
+def test_open_unknown_format_version(tmp_path):
+    new_store(tmp_path / "s").close()
+    marker = tmp_path / "s" / layout.MARKER_FILE
+    info = json.loads(marker.read_text())
+    info["format"] = 99
+    marker.write_text(json.dumps(info))
+    with pytest.raises(StoreError, match="format version 99"):
+        Store(str(tmp_path / "s"))
+
+
+def test_open_damaged_marker_and_database(tmp_path):
+    new_store(tmp_path / "s").close()
+    marker = tmp_path / "s" / layout.MARKER_FILE
+    good = marker.read_text()
+    marker.write_text("{not json")
+    with pytest.raises(StoreError, match="damaged"):
+        Store(str(tmp_path / "s"))
+    marker.write_text(good)
+    data = tmp_path / "s" / "data.mdb"
+    data.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(StoreError, match="store .*:"):
+        Store(str(tmp_path / "s"))
+    data.unlink()
+    with pytest.raises(StoreError, match="data.mdb is missing"):
+        Store(str(tmp_path / "s"))
+
+
+def test_one_writer_at_a_time(tmp_path):
+    s = new_store(tmp_path / "s")
+    try:
+        with pytest.raises(StoreInUse, match=f"in use by PID {os.getpid()}"):
+            Store(str(tmp_path / "s"))
+        # readers may look (from another process: LMDB opens an environment once per process)
+        out = subprocess.run(
+            [sys.executable, "-m", "casfs_cli.main", "stats", "--json", str(tmp_path / "s")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert json.loads(out)["inodes"] == 1
+    finally:
+        s.close()
+    Store(str(tmp_path / "s")).close()  # released on close
+    with Store(str(tmp_path / "s"), writer=False) as ro:
+        with pytest.raises(StoreError, match="read-only"):
+            ro.run_write(lambda tx: None)
+
+
+def test_writer_lock_names_other_process(tmp_path):
+    new_store(tmp_path / "s").close()
+    code = (
+        "import sys,time; from casfs.store.store import Store; "
+        f"s=Store({str(tmp_path / 's')!r}); print('ready', flush=True); time.sleep(30)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreInUse, match=f"in use by PID {proc.pid}"):
+            Store(str(tmp_path / "s"))
+    finally:
+        proc.kill()
+        proc.wait()
+    Store(str(tmp_path / "s")).close()  # a killed holder leaves no lock behind
+
+
+def test_refcounts_and_stats(tmp_path):
+    with new_store(tmp_path / "s") as s:
+        data = os.urandom(1000)
+        d = digest_of(data)
+        value = s.codec.encode(data)
+        assert s.run_write(lambda tx: s.add_ref(tx, d, value, len(data))) is True
+        assert s.run_write(lambda tx: s.add_ref(tx, d, None, len(data))) is False
+        st = s.stats()
+        assert (st.objects, st.plain_bytes, st.referenced_bytes) == (1, 1000, 2000)
+        assert st.dedup_ratio == 2.0
+        assert s.run_write(lambda tx: s.drop_ref(tx, d)) is False
+        assert s.run_write(lambda tx: s.drop_ref(tx, d)) is True
+        st = s.stats()
+        assert (st.objects, st.stored_bytes, st.plain_bytes, st.referenced_bytes) == (0, 0, 0, 0)
+        with pytest.raises(CorruptObject):
+            s.run_write(lambda tx: s.add_ref(tx, d, None, 1000))
+
+
+def test_failed_write_changes_nothing(tmp_path):
+    with new_store(tmp_path / "s") as s:
+        data = b"x" * 100
+
+        def fails(tx):
+            s.add_ref(tx, digest_of(data), s.codec.encode(data), len(data))
+            raise CasfsError("boom")
+
+        with pytest.raises(CasfsError):
+            s.run_write(fails)
+        assert s.stats().objects == 0
+        s.begin_batch()  # the same inside a group commit: child transactions
+        with pytest.raises(CasfsError):
+            s.run_write(fails)
+        s.run_write(lambda tx: s.add_ref(tx, b"\1" * 32, b"\0ok", 2))
+        s.commit_batch()
+        assert s.stats().objects == 1
+
+
+def test_codec_raw_and_compressed_and_verified():
+    codec = Codec(3)
+    text = b"hello casfs " * 1000
+    noise = os.urandom(5000)
+    vt, vn = codec.encode(text), codec.encode(noise)
+    assert vt[0] & 0x0F == layout.CODEC_ZSTD and len(vt) < len(text) // 10
+    assert vn[0] & 0x0F == layout.CODEC_RAW and vn[1:] == noise
+    assert codec.decode(digest_of(text), vt) == text
+    assert codec.decode(digest_of(noise), vn) == noise
+    bad = bytearray(vn)
+    bad[100] ^= 1
+    with pytest.raises(CorruptObject, match=digest_of(noise).hex()):
+        codec.decode(digest_of(noise), bytes(bad))
+    with pytest.raises(CorruptObject, match="does not decode"):
+        codec.decode(digest_of(text), vt[:-5])
+
+
+def test_pipeline_dedups_and_makes_holes(tmp_path):
+    with new_store(tmp_path / "s") as s:
+        p = Pipeline(s)
+        try:
+            block = os.urandom(300_000)
+            pieces = p.encode(block + bytes(1 << 20) + block)
+            assert sum(x.length for x in pieces) == 2 * len(block) + (1 << 20)
+            assert any(x.digest is None for x in pieces)  # zeros: holes
+            stored = [x for x in pieces if x.value is not None]
+            digests = [x.digest for x in pieces if x.digest]
+            assert len(stored) == len(set(digests)) < len(digests)
+        finally:
+            p.close()
+
+
+def test_chunker_refuses_pure_python(monkeypatch):
+    monkeypatch.setattr(chunker, "_FastCDC", None)
+    with pytest.raises(CasfsError, match="compiled pyfastcdc extension is not loaded"):
+        chunker.require_compiled_chunker()
+
+
+def test_flipped_byte_on_disk_is_an_error_naming_the_digest(tmp_path):
+    s = new_store(tmp_path / "s")
+    fs = Filesystem(s, cache_bytes=0)
+    data = os.urandom(20_000)  # incompressible: stored raw, so findable in data.mdb
+    node = fs.create(ROOT_INO, b"victim", 0o644, 0, 0)
+    fs.write(node.ino, 0, data)
+    fs.close()
+    s.close()
+    path = tmp_path / "s" / "data.mdb"
+    raw = bytearray(path.read_bytes())
+    at = raw.find(data[5000:5064])
+    assert at > 0
+    raw[at] ^= 0x40
+    path.write_bytes(raw)
+    with Store(str(tmp_path / "s")) as s:
+        fs = Filesystem(s, cache_bytes=0)
+        try:
+            with pytest.raises(CorruptObject, match=digest_of(data).hex()) as info:
+                fs.read(node.ino, 0, 100)
+            assert info.value.errno == errno.EIO
+            report = fsck(s, verify_data=True)
+            assert [p.kind for p in report.problems] == ["corrupt"]
+            assert "/victim" in report.problems[0].message
+            assert fsck(s).clean  # structure is intact; only data is bad
+        finally:
+            fs.close()
+
+
+def test_map_grows_by_itself(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "INITIAL_MAP_SIZE", 1 << 20)
+    s = new_store(tmp_path / "s")
+    fs = Filesystem(s)
+    try:
+        start = s.env.info()["map_size"]
+        payload = os.urandom(6 << 20)
+        node = fs.create(ROOT_INO, b"big", 0o644, 0, 0)
+        fs.write(node.ino, 0, payload)
+        s.begin_batch()  # growth inside a group commit too
+        node2 = fs.create(ROOT_INO, b"big2", 0o644, 0, 0)
+        fs.write(node2.ino, 0, os.urandom(6 << 20))
+        s.commit_batch()
+        assert s.env.info()["map_size"] > start
+        assert fs.read(node.ino, 0, len(payload)) == payload
+        assert fsck(s).clean
+    finally:
+        fs.close()
+        s.close()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs (needs root; skipped elsewhere)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_enospc_and_store_survives(small_disk):
+    s = new_store(small_disk / "s")
+    fs = Filesystem(s)
+    written = []
+    try:
+        with pytest.raises(NoSpace) as info:
+            for i in range(100):
+                node = fs.create(ROOT_INO, f"f{i}".encode(), 0o644, 0, 0)
+                data = os.urandom(1 << 20)
+                fs.write(node.ino, 0, data)
+                written.append((node.ino, data))
+        assert info.value.errno == errno.ENOSPC
+        assert len(written) > 5
+        for ino, data in written:  # nothing already stored is damaged
+            assert fs.read(ino, 0, len(data)) == data
+        report = fsck(s)
+        # the half-written last file may exist empty, which is consistent
+        assert report.clean, report.problems
+        for i in range(len(written) // 2):  # deleting makes room again
+            fs.unlink(ROOT_INO, f"f{i}".encode())
+        node = fs.create(ROOT_INO, b"again", 0o644, 0, 0)
+        fs.write(node.ino, 0, os.urandom(1 << 20))
+        assert fsck(s).clean
+    finally:
+        fs.close()
+        s.close()
+    with Store(str(small_disk / "s")) as s2:  # and the store reopens
+        assert fsck(s2).clean
