@@ -11,6 +11,7 @@ exactly the chunks a whole-file cut would (and deduplicate with imported copies)
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from casfs.store import layout
@@ -20,6 +21,15 @@ from casfs.store.store import Store, Tx
 # A write region larger than this is stored in pieces, each in its own pass, so that one
 # call never holds gigabytes in memory (appends keep the canonical chunking, see above).
 MAX_REGION = 32 << 20
+# How far ahead of a sequential reader chunks are decoded in the background.
+READ_AHEAD = 2 << 20
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _zeros(n: int) -> bytes | memoryview:
+    return memoryview(_ZEROS)[:n] if n <= len(_ZEROS) else bytes(n)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +73,8 @@ class Content:
         self.store = store
         self.pipeline = pipeline
         self.cache = ChunkCache(cache_bytes)
+        self._inflight: dict[bytes, tuple[Future[list[bytes]], int]] = {}
+        self._last_end: dict[int, int] = {}  # ino -> where its last read ended
 
     # -- extents ----------------------------------------------------------------------------
 
@@ -107,28 +119,68 @@ class Content:
     # -- read -------------------------------------------------------------------------------
 
     def _chunks(self, tx: Tx, extents: list[Extent]) -> list[bytes]:
-        missing = {}
+        """Plain bytes of each extent's chunk: from the cache, from read-ahead, or decoded
+        now (on all cores)."""
+        got: dict[bytes, bytes] = {}
+        missing: dict[bytes, bytes] = {}
         for e in extents:
-            if self.cache.get(e.digest) is None and e.digest not in missing:
-                missing[e.digest] = self.store.load_value(tx, e.digest)
+            d = e.digest
+            if d in got or d in missing:
+                continue
+            data = self.cache.get(d)
+            pending = self._inflight.pop(d, None) if data is None else None
+            if pending is not None:
+                future, index = pending
+                data = future.result()[index]
+                self.cache.put(d, data)
+            if data is None:
+                missing[d] = self.store.load_value(tx, d)
+            else:
+                got[d] = data
         if missing:
             decoded = self.pipeline.decode_many(list(missing.items()))
-            for digest, data in zip(missing, decoded, strict=True):
-                self.cache.put(digest, data)
-                missing[digest] = data
-        return [self.cache.get(e.digest) or missing[e.digest] for e in extents]
+            for d, data in zip(missing, decoded, strict=True):
+                self.cache.put(d, data)
+                got[d] = data
+        return [got[e.digest] for e in extents]
+
+    def _read_ahead(self, tx: Tx, ino: int, offset: int, end: int) -> None:
+        """On sequential reads, start decoding the next READ_AHEAD bytes in the pool, so the
+        caller's thread assembles this read while other cores decode the next."""
+        if self._last_end.pop(ino, None) != offset:
+            self._last_end[ino] = end
+            return
+        self._last_end[ino] = end
+        if len(self._last_end) > 1024:
+            self._last_end.clear()
+        if len(self._inflight) > 512:  # abandoned read-ahead: let it go
+            self._inflight.clear()
+        items = []
+        for e in self.extents(tx, ino, end, end + READ_AHEAD):
+            if e.digest not in self._inflight and self.cache.get(e.digest) is None:
+                items.append((e.digest, self.store.load_value(tx, e.digest)))
+        if items:
+            future = self.pipeline.decode_async(items)
+            for index, (digest, _) in enumerate(items):
+                self._inflight[digest] = (future, index)
 
     def read(self, tx: Tx, ino: int, size: int, offset: int, length: int) -> bytes:
         end = min(size, offset + length)
         if offset >= end:
             return b""
-        out = bytearray(end - offset)
         extents = self.extents(tx, ino, offset, end)
+        self._read_ahead(tx, ino, offset, end)
+        parts: list[bytes | memoryview] = []
+        pos = offset
         for e, data in zip(extents, self._chunks(tx, extents), strict=True):
             lo = max(e.offset, offset)
-            hi = min(e.end, end)
-            out[lo - offset : hi - offset] = data[lo - e.offset : hi - e.offset]
-        return bytes(out)
+            if lo > pos:
+                parts.append(_zeros(lo - pos))
+            pos = min(e.end, end)
+            parts.append(memoryview(data)[lo - e.offset : pos - e.offset])
+        if end > pos:
+            parts.append(_zeros(end - pos))
+        return b"".join(parts)  # the one copy
 
     # -- write ------------------------------------------------------------------------------
 

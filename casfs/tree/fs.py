@@ -298,12 +298,12 @@ class Filesystem:
     @_writes
     def link(self, tx: Tx, ino: int, new_parent: int, new_name: bytes) -> Inode:
         inode = self._get(tx, ino)
-        if inode.is_dir:
-            raise FsError(errno.EPERM, "hard link to a directory")
         check_name(new_name)
         parent = self._dir(tx, new_parent, for_new_entry=True)
         if directory.find(tx, new_parent, new_name) is not None:
-            raise FsError(errno.EEXIST, repr(new_name))
+            raise FsError(errno.EEXIST, repr(new_name))  # Linux checks the name first
+        if inode.is_dir:
+            raise FsError(errno.EPERM, "hard link to a directory")
         if inode.nlink == 0:
             raise FsError(errno.ENOENT, f"inode {ino} was removed")
         t = now_ns()
@@ -367,14 +367,17 @@ class Filesystem:
                 raise FsError(errno.ENOENT, repr(new_name))
             self._exchange(tx, parent, name, src, new_parent, new_name, self._get(tx, dst_ino), t)
             return
+        if dst_ino is not None and flags & RENAME_NOREPLACE:
+            raise FsError(errno.EEXIST, repr(new_name))  # even for two links of one inode
         if dst_ino == src.ino:
             return  # both names already link the same inode: POSIX says do nothing
-        if dst_ino is not None and flags & RENAME_NOREPLACE:
-            raise FsError(errno.EEXIST, repr(new_name))
         if src.is_dir and self._is_ancestor(tx, src.ino, new_parent):
             raise FsError(errno.EINVAL, "cannot move a directory into itself")
         if dst_ino is not None:
             dst = self._get(tx, dst_ino)
+            if dst.is_dir and self._is_ancestor(tx, dst.ino, parent):
+                # the target is an ancestor of the source: Linux answers ENOTEMPTY first
+                raise FsError(errno.ENOTEMPTY, repr(new_name))
             if src.is_dir and not dst.is_dir:
                 raise FsError(errno.ENOTDIR, repr(new_name))
             if not src.is_dir and dst.is_dir:
@@ -449,7 +452,8 @@ class Filesystem:
             raise FsError(errno.EINVAL, "negative offset")
         view = memoryview(data)
         if not view:
-            self.getattr(ino)
+            with self.store.read() as tx:
+                self._regular(tx, ino)  # same errors as a write of some bytes
             return 0
         for start in range(0, len(view), MAX_REGION):
             self._write_piece(ino, offset + start, view[start : start + MAX_REGION])
