@@ -1,38 +1,43 @@
 """The ingest and read-back pipelines: chunk, hash and compress on all cores; decode likewise.
 
 Cutting is done by the caller's thread (FastCDC runs at GB/s); BLAKE3 and zstd release the
-GIL, so chunks are hashed and compressed by a thread pool in groups of about a megabyte (a
-task per 64 KiB chunk would cost more in scheduling than in work). A chunk that the store
-already holds (in committed state, or earlier in the same call) is not compressed again, and
-an all-zero chunk becomes a hole instead of an object.
+GIL, so chunks are hashed, compressed and decoded by a thread pool, one share of the work per
+core (a task per 64 KiB chunk would cost more in scheduling than in work). An all-zero chunk
+becomes a hole instead of an object. Which chunks are new, and so need compressing, is the
+store's question, asked by the caller between ``cut_and_hash`` and ``compress``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from casfs.store.chunker import Chunker
 from casfs.store.codec import digest_of
 from casfs.store.store import Store
 
-GROUP_BYTES = 1 << 20
+# Work smaller than this runs on the calling thread: a thread hop costs more.
+SPREAD_MIN_BYTES = 256 << 10
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """One chunk of ingested data. ``digest`` is None for an all-zero chunk (a hole);
-    ``value`` is None when the store already has the object."""
+    """One chunk of a cut buffer; ``digest`` is None for an all-zero chunk (a hole)."""
 
     offset: int
     length: int
     digest: bytes | None
-    value: bytes | None
 
 
 class Pipeline:
+    """The CPU-heavy steps, spread over a thread pool. Nothing here touches LMDB: the store's
+    transactions stay on the thread that owns them."""
+
     def __init__(self, store: Store, workers: int | None = None) -> None:
         self.store = store
         self.chunker = Chunker(store.params)
@@ -42,52 +47,44 @@ class Pipeline:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
+    def _spread(self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], weight: int) -> list[R]:
+        """``fn`` over ``items`` in one share per core (this thread takes the first), or all
+        here when the work (``weight`` bytes) is too small to be worth a thread hop."""
+        shares = min(self.workers, len(items))
+        if shares < 2 or weight < SPREAD_MIN_BYTES:
+            return fn(items)
+        step = -(-len(items) // shares)
+        parts = [items[i : i + step] for i in range(0, len(items), step)]
+        futures = [self._pool.submit(fn, part) for part in parts[1:]]
+        out = fn(parts[0])
+        for f in futures:
+            out.extend(f.result())
+        return out
+
     # -- ingest -----------------------------------------------------------------------------
 
-    def encode(self, buf: bytes | bytearray | memoryview, base: int = 0) -> list[Piece]:
-        """Cut ``buf`` into chunks and encode them; offsets are ``base`` + position in buf."""
+    def cut_and_hash(self, buf: bytes | bytearray | memoryview, base: int = 0) -> list[Piece]:
+        """Cut ``buf`` into chunks and hash them; offsets are ``base`` + position in buf."""
         view = memoryview(buf)
-        lengths = self.chunker.cut(view)
-        groups: list[list[tuple[int, int]]] = [[]]
-        size = 0
+        spans = []
         pos = 0
-        for length in lengths:
-            if size >= GROUP_BYTES:
-                groups.append([])
-                size = 0
-            groups[-1].append((pos, length))
-            size += length
+        for length in self.chunker.cut(view):
+            spans.append((pos, length))
             pos += length
-        if len(groups) == 1 or self.workers == 1:
-            results = [self._encode_group(view, g) for g in groups]
-        else:
-            results = list(self._pool.map(lambda g: self._encode_group(view, g), groups))
-        pieces: list[Piece] = []
-        seen: set[bytes] = set()
-        for group in results:
-            for pos, length, digest, value in group:
-                if digest is not None and value is not None:
-                    if digest in seen:
-                        value = None
-                    else:
-                        seen.add(digest)
-                pieces.append(Piece(base + pos, length, digest, value))
-        return pieces
 
-    def _encode_group(
-        self, view: memoryview, group: Sequence[tuple[int, int]]
-    ) -> list[tuple[int, int, bytes | None, bytes | None]]:
-        out = []
-        codec = self.store.codec
-        for pos, length in group:
-            chunk = view[pos : pos + length]
-            if _is_zero(chunk):
-                out.append((pos, length, None, None))
-                continue
-            digest = digest_of(chunk)
-            value = None if self.store.has_committed(digest) else codec.encode(chunk)
-            out.append((pos, length, digest, value))
-        return out
+        def hash_spans(part: Sequence[tuple[int, int]]) -> list[Piece]:
+            out = []
+            for p, n in part:
+                chunk = view[p : p + n]
+                out.append(Piece(base + p, n, None if _is_zero(chunk) else digest_of(chunk)))
+            return out
+
+        return self._spread(hash_spans, spans, len(view))
+
+    def compress(self, chunks: Sequence[memoryview | bytes]) -> list[bytes]:
+        """``objects`` values for plain chunks, on all cores."""
+        encode = self.store.codec.encode
+        return self._spread(lambda part: [encode(c) for c in part], chunks, sum(map(len, chunks)))
 
     # -- read-back --------------------------------------------------------------------------
 
@@ -97,20 +94,9 @@ class Pipeline:
         return self._pool.submit(lambda: [decode(d, v) for d, v in items])
 
     def decode_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
-        """Decode (digest, stored value) pairs, verifying each, on all cores: the caller's
-        thread takes the first share and the pool the others (one task per share, not per
-        chunk: a future costs about as much as decoding a small chunk)."""
+        """Decode (digest, stored value) pairs, verifying each, on all cores."""
         decode = self.store.codec.decode
-        shares = min(self.workers, len(items) // 2)
-        if shares < 2:
-            return [decode(d, v) for d, v in items]
-        step = -(-len(items) // shares)
-        parts = [items[i : i + step] for i in range(0, len(items), step)]
-        futures = [self._pool.submit(lambda p: [decode(d, v) for d, v in p], p) for p in parts[1:]]
-        out = [decode(d, v) for d, v in parts[0]]
-        for f in futures:
-            out.extend(f.result())
-        return out
+        return self._spread(lambda part: [decode(d, v) for d, v in part], items, sum(len(v) for _, v in items))
 
 
 _ZERO = bytes(1 << 20)

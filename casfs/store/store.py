@@ -439,14 +439,6 @@ class Store:
     def has_object(self, tx: Tx, digest: bytes) -> bool:
         return tx.get(b"refs", digest) is not None
 
-    def has_committed(self, digest: bytes) -> bool:
-        """Whether ``digest`` is in the last committed state; callable from any thread."""
-        txn = self.env.begin(db=self.dbs[b"refs"])
-        try:
-            return txn.get(digest) is not None
-        finally:
-            txn.abort()
-
     def add_ref(self, tx: Tx, digest: bytes, value: bytes | None, plain_len: int) -> bool:
         """Count one more reference to ``digest``; store ``value`` if it is new.
 

@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from casfs.store import layout
-from casfs.store.pipeline import Pipeline
+from casfs.store.pipeline import Piece, Pipeline
 from casfs.store.store import Store, Tx
 
 # A write region larger than this is stored in pieces, each in its own pass, so that one
@@ -119,30 +119,12 @@ class Content:
     # -- read -------------------------------------------------------------------------------
 
     def _chunks(self, tx: Tx, extents: list[Extent]) -> list[bytes]:
-        """Plain bytes of each extent's chunk: from the cache, from read-ahead, or decoded
-        now (on all cores)."""
-        got: dict[bytes, bytes] = {}
-        missing: dict[bytes, bytes] = {}
-        for e in extents:
-            d = e.digest
-            if d in got or d in missing:
-                continue
-            data = self.cache.get(d)
-            pending = self._inflight.pop(d, None) if data is None else None
-            if pending is not None:
-                future, index = pending
-                data = future.result()[index]
-                self.cache.put(d, data)
-            if data is None:
-                missing[d] = self.store.load_value(tx, d)
-            else:
-                got[d] = data
-        if missing:
-            decoded = self.pipeline.decode_many(list(missing.items()))
-            for d, data in zip(missing, decoded, strict=True):
-                self.cache.put(d, data)
-                got[d] = data
-        return [got[e.digest] for e in extents]
+        """Plain bytes of each extent's chunk (cache, read-ahead, or decoded now)."""
+        job = ReadJob(self, extents)
+        job.plan(tx)
+        job.resolve()
+        job.remember()
+        return [job.plain[e.digest] for e in extents]
 
     def _read_ahead(self, tx: Tx, ino: int, offset: int, end: int) -> None:
         """On sequential reads, start decoding the next READ_AHEAD bytes in the pool, so the
@@ -164,49 +146,31 @@ class Content:
             for index, (digest, _) in enumerate(items):
                 self._inflight[digest] = (future, index)
 
-    def read(self, tx: Tx, ino: int, size: int, offset: int, length: int) -> bytes:
+    def read_job(self, tx: Tx, ino: int, size: int, offset: int, length: int) -> ReadJob:
+        """Plan a read (on the store's thread); ``job.assemble()`` may then run anywhere."""
         end = min(size, offset + length)
-        if offset >= end:
-            return b""
-        extents = self.extents(tx, ino, offset, end)
-        self._read_ahead(tx, ino, offset, end)
-        parts: list[bytes | memoryview] = []
-        pos = offset
-        for e, data in zip(extents, self._chunks(tx, extents), strict=True):
-            lo = max(e.offset, offset)
-            if lo > pos:
-                parts.append(_zeros(lo - pos))
-            pos = min(e.end, end)
-            parts.append(memoryview(data)[lo - e.offset : pos - e.offset])
-        if end > pos:
-            parts.append(_zeros(end - pos))
-        return b"".join(parts)  # the one copy
+        job = ReadJob(self, self.extents(tx, ino, offset, end) if offset < end else [], offset, end)
+        job.plan(tx)
+        if offset < end:
+            self._read_ahead(tx, ino, offset, end)
+        return job
+
+    def read(self, tx: Tx, ino: int, size: int, offset: int, length: int) -> bytes:
+        job = self.read_job(tx, ino, size, offset, length)
+        data = job.assemble()
+        job.remember()
+        return data
 
     # -- write ------------------------------------------------------------------------------
 
     def write(self, tx: Tx, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
-        """Store ``data`` at ``offset`` (the caller updates the size). Like every method that
-        changes extents, returns the change in the file's stored (non-hole) bytes."""
+        """Store ``data`` at ``offset`` in one transaction (the caller updates the size). Like
+        every method that changes extents, returns the change in stored (non-hole) bytes."""
         view = memoryview(data)
         delta = 0
         for start in range(0, len(view), MAX_REGION):
-            delta += self._write_region(tx, ino, offset + start, view[start : start + MAX_REGION])
+            delta += WriteJob(self, ino, offset + start, view[start : start + MAX_REGION]).run(tx)
         return delta
-
-    def _write_region(self, tx: Tx, ino: int, offset: int, data: memoryview) -> int:
-        end = offset + len(data)
-        old = self.extents(tx, ino, offset, end)
-        tail = self.last_extent(tx, ino)
-        if tail is not None and tail.end == offset and (not old or old[0] != tail):
-            old.insert(0, tail)  # continue the last chunk: keep sequential writes canonical
-        start = min([offset] + [e.offset for e in old[:1]])
-        stop = max([end] + [e.end for e in old[-1:]])
-        region = bytearray(stop - start)
-        for e, chunk in zip(old, self._chunks(tx, old), strict=True):
-            region[e.offset - start : e.end - start] = chunk
-        region[offset - start : end - start] = data
-        removed = self._remove(tx, ino, old)  # first: new extents may reuse the same keys
-        return self._store(tx, ino, start, region) - removed
 
     def truncate(self, tx: Tx, ino: int, new_size: int) -> int:
         """Drop content at and past ``new_size`` (growing needs nothing: the rest is a hole)."""
@@ -230,20 +194,187 @@ class Content:
         return sum(e.length for e in extents)
 
     def _store(self, tx: Tx, ino: int, base: int, region: bytes | bytearray) -> int:
+        job = WriteJob(self, ino, base, memoryview(region))
+        job.start, job.region, job.old = base, region, []
+        job.pieces = self.pipeline.cut_and_hash(region, base)
+        job.pick(tx)
+        job.compress()
+        return job.store(tx)
+
+
+class ReadJob:
+    """The chunks a read needs: planned on the store's thread (``plan``), decoded and joined
+    anywhere (``assemble``; decoding verifies every digest), and put in the chunk cache back
+    on the store's thread (``remember``)."""
+
+    def __init__(self, content: Content, extents: list[Extent], offset: int = 0, end: int = 0) -> None:
+        self.content = content
+        self.extents = extents
+        self.offset = offset
+        self.end = end
+        self.plain: dict[bytes, bytes] = {}
+        self.values: dict[bytes, bytes] = {}
+        self.pending: dict[bytes, tuple[Future[list[bytes]], int]] = {}
+        self.fresh: list[bytes] = []
+
+    def plan(self, tx: Tx) -> None:
+        c = self.content
+        for e in self.extents:
+            d = e.digest
+            if d in self.plain or d in self.values or d in self.pending:
+                continue
+            data = c.cache.get(d)
+            if data is not None:
+                self.plain[d] = data
+            elif d in c._inflight:
+                self.pending[d] = c._inflight.pop(d)
+            else:
+                self.values[d] = c.store.load_value(tx, d)
+
+    @property
+    def ready(self) -> bool:
+        """True when assembling needs no decoding: cheap enough for the store's thread."""
+        return not self.values and all(f.done() for f, _ in self.pending.values())
+
+    def resolve(self) -> None:
+        for d, (future, index) in self.pending.items():
+            self.plain[d] = future.result()[index]
+        self.fresh.extend(self.pending)
+        self.pending = {}
+        if self.values:
+            decoded = self.content.pipeline.decode_many(list(self.values.items()))
+            self.plain.update(zip(self.values, decoded, strict=True))
+            self.fresh.extend(self.values)
+            self.values = {}
+
+    def assemble(self) -> bytes:
+        self.resolve()
+        parts: list[bytes | memoryview] = []
+        pos = self.offset
+        for e in self.extents:
+            lo = max(e.offset, self.offset)
+            if lo > pos:
+                parts.append(_zeros(lo - pos))
+            pos = min(e.end, self.end)
+            parts.append(memoryview(self.plain[e.digest])[lo - e.offset : pos - e.offset])
+        if self.end > pos:
+            parts.append(_zeros(self.end - pos))
+        return b"".join(parts)  # the one copy
+
+    def remember(self) -> None:
+        for d in self.fresh:
+            self.content.cache.put(d, self.plain[d])
+
+
+class StaleWrite(Exception):
+    """The extents a write job planned against changed before it was applied."""
+
+
+class WriteJob:
+    """One write of at most MAX_REGION bytes, in stages, so that the CPU work can run on
+    worker threads while the store's thread goes on serving other requests::
+
+        plan(tx)  ->  cut()  ->  pick(tx)  ->  compress()  ->  apply(tx)
+
+    The stages that take ``tx`` read or write LMDB and belong on the store's thread; ``cut``
+    and ``compress`` touch only the job. ``run`` does all five in one transaction.
+    """
+
+    def __init__(self, content: Content, ino: int, offset: int, data: memoryview) -> None:
+        self.content = content
+        self.ino = ino
+        self.offset = offset
+        self.data = data
+        self.start = offset
+        self.old: list[Extent] = []
+        self.old_plain: dict[bytes, bytes] = {}
+        self.old_values: dict[bytes, bytes] = {}
+        self.region: bytes | bytearray = b""
+        self.pieces: list[Piece] = []
+        self.new: list[Piece] = []
+        self.values: dict[bytes, bytes] = {}
+
+    def run(self, tx: Tx) -> int:
+        self.plan(tx)
+        self.cut()
+        self.pick(tx)
+        self.compress()
+        return self.apply(tx)
+
+    def plan(self, tx: Tx) -> None:
+        """Find the extents the write overlaps (and the last one, if the write continues it)
+        and fetch what is needed to rebuild the region around the new bytes."""
+        c = self.content
+        end = self.offset + len(self.data)
+        old = c.extents(tx, self.ino, self.offset, end)
+        tail = c.last_extent(tx, self.ino)
+        if tail is not None and tail.end == self.offset and (not old or old[0] != tail):
+            old.insert(0, tail)  # continue the last chunk: keep sequential writes canonical
+        self.old = old
+        self.start = min([self.offset] + [e.offset for e in old[:1]])
+        for e in old:
+            plain = c.cache.get(e.digest)
+            if plain is not None:
+                self.old_plain[e.digest] = plain
+            elif e.digest not in self.old_values:
+                self.old_values[e.digest] = c.store.load_value(tx, e.digest)
+
+    def cut(self) -> None:
+        """Rebuild the region (old bytes around the new ones), cut and hash it."""
+        c = self.content
+        if self.old_values:
+            decoded = c.pipeline.decode_many(list(self.old_values.items()))
+            self.old_plain.update(zip(self.old_values, decoded, strict=True))
+        end = self.offset + len(self.data)
+        stop = max([end] + [e.end for e in self.old[-1:]])
+        if not self.old and self.start == self.offset:
+            self.region = self.data  # nothing to merge: cut the caller's bytes as they are
+        else:
+            region = bytearray(stop - self.start)
+            for e in self.old:
+                region[e.offset - self.start : e.end - self.start] = self.old_plain[e.digest]
+            region[self.offset - self.start : end - self.start] = self.data
+            self.region = region
+        self.pieces = c.pipeline.cut_and_hash(self.region, self.start)
+
+    def pick(self, tx: Tx) -> None:
+        """Which chunks the store does not hold yet (each once): only those are compressed."""
+        seen: set[bytes] = set()
+        self.new = []
+        for p in self.pieces:
+            if p.digest is not None and p.digest not in seen:
+                seen.add(p.digest)
+                if not self.content.store.has_object(tx, p.digest):
+                    self.new.append(p)
+
+    def compress(self) -> None:
+        view = memoryview(self.region)
+        chunks = [view[p.offset - self.start : p.offset - self.start + p.length] for p in self.new]
+        values = self.content.pipeline.compress(chunks)
+        self.values = {p.digest: v for p, v in zip(self.new, values, strict=True)}
+
+    def apply(self, tx: Tx) -> int:
+        """Replace the planned extents with the new chunks; the change in stored bytes."""
+        c = self.content
+        stop = self.start + len(self.region)
+        if c.extents(tx, self.ino, self.start, stop) != self.old:
+            raise StaleWrite(self.ino)
+        removed = c._remove(tx, self.ino, self.old)  # first: new extents may reuse the keys
+        return self.store(tx) - removed
+
+    def store(self, tx: Tx) -> int:
+        c = self.content
         stored = 0
-        for piece in self.pipeline.encode(region, base):
-            if piece.digest is None:
+        view = memoryview(self.region)
+        for p in self.pieces:
+            if p.digest is None:
                 continue  # all zeros: leave a hole
-            value = piece.value
-            if value is None and not self.store.has_object(tx, piece.digest):
-                # committed before, but freed earlier in this transaction
-                plain = memoryview(region)[piece.offset - base : piece.offset - base + piece.length]
-                value = self.store.codec.encode(plain)
-            self.store.add_ref(tx, piece.digest, value, piece.length)
-            tx.put(
-                b"extents",
-                layout.extent_key(ino, piece.offset),
-                layout.extent_value(piece.digest, piece.length),
-            )
-            stored += piece.length
+            value = self.values.get(p.digest)
+            if value is None and not c.store.has_object(tx, p.digest):
+                # freed since pick (or earlier in this transaction): encode it now
+                value = c.store.codec.encode(view[p.offset - self.start : p.offset - self.start + p.length])
+                self.values[p.digest] = value
+            c.store.add_ref(tx, p.digest, value, p.length)
+            tx.put(b"extents", layout.extent_key(self.ino, p.offset), layout.extent_value(p.digest, p.length))
+            stored += p.length
         return stored

@@ -1,0 +1,97 @@
+"""Per-inode write buffers in bounded memory.
+
+``write`` calls land here and return at memory speed; the data is chunked, hashed,
+compressed and committed later, in large pieces, by the mount's flusher: on fsync, on the
+last release, when the buffered total passes its limit, on a short timer, and before a
+snapshot. Sequential writes grow one buffer; a write that overlaps or touches no buffered
+range starts another, and past MAX_RANGES per file the file is flushed first, so the number
+of ranges (and the cost of overlaying them on reads) stays small.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+MAX_RANGES = 64
+
+
+@dataclass
+class DirtyFile:
+    ino: int
+    ranges: dict[int, bytearray] = field(default_factory=dict)  # start -> bytes, disjoint
+    nbytes: int = 0
+    end: int = 0  # end of the furthest buffered byte
+    mtime_ns: int = 0  # time of the last write: the file's mtime once flushed
+    since: float = 0.0  # monotonic time of the first unflushed write
+
+    def can_take(self, offset: int, length: int) -> bool:
+        """Whether a write can be buffered without flushing first: it must not overlap a
+        buffered range unless it extends it exactly at its end."""
+        if len(self.ranges) >= MAX_RANGES:
+            return False
+        stop = offset + length
+        for start, buf in self.ranges.items():
+            if offset < start + len(buf) and start < stop and start + len(buf) != offset:
+                return False
+        return True
+
+    def add(self, offset: int, data: bytes) -> None:
+        for start, buf in self.ranges.items():
+            if start + len(buf) == offset:
+                buf += data
+                break
+        else:
+            self.ranges[offset] = bytearray(data)
+        self.nbytes += len(data)
+        self.end = max(self.end, offset + len(data))
+        self.mtime_ns = time.time_ns()
+        if not self.since:
+            self.since = time.monotonic()
+
+    def overlay(self, offset: int, out: bytearray) -> None:
+        """Copy buffered bytes over ``out``, which holds the file from ``offset`` on."""
+        stop = offset + len(out)
+        for start, buf in self.ranges.items():
+            lo, hi = max(start, offset), min(start + len(buf), stop)
+            if lo < hi:
+                out[lo - offset : hi - offset] = memoryview(buf)[lo - start : hi - start]
+
+
+class WriteBuffers:
+    """All dirty files of a mount, with the byte total the memory limit is checked against."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.files: dict[int, DirtyFile] = {}
+        self.total = 0
+
+    def get(self, ino: int) -> DirtyFile | None:
+        return self.files.get(ino)
+
+    def add(self, ino: int, offset: int, data: bytes) -> None:
+        dirty = self.files.get(ino)
+        if dirty is None:
+            dirty = self.files[ino] = DirtyFile(ino)
+        dirty.add(offset, data)
+        self.total += len(data)
+
+    def take(self, ino: int) -> DirtyFile | None:
+        """Remove and return a file's buffers (to flush or to drop them)."""
+        dirty = self.files.pop(ino, None)
+        if dirty is not None:
+            self.total -= dirty.nbytes
+        return dirty
+
+    @property
+    def over_limit(self) -> bool:
+        return self.total > self.limit_bytes
+
+    def largest(self) -> int | None:
+        if not self.files:
+            return None
+        return max(self.files.values(), key=lambda d: d.nbytes).ino
+
+    def older_than(self, seconds: float) -> list[int]:
+        now = time.monotonic()
+        return [d.ino for d in self.files.values() if now - d.since >= seconds]
