@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from casfs.errors import CasfsError
-from casfs_cli import commands
+from casfs_cli import commands, mounting
 
 EXIT_PROBLEMS = 1  # fsck found problems
 EXIT_ERROR = 2  # the command could not do what was asked
@@ -63,6 +63,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--verify-data", action="store_true", help="also decode and hash every object")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(run=commands.fsck)
+
+    s = sub.add_parser("mount", help="mount a store's live tree (daemonizes unless --foreground)")
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    s.add_argument("--foreground", "-f", action="store_true", help="serve in this process")
+    s.add_argument("--allow-other", action="store_true", help="let other users see the mount")
+    s.add_argument("--debug", action="store_true", help="log every request (to the log file)")
+    s.add_argument(
+        "--write-buffer",
+        type=size_arg,
+        default=256 << 20,
+        metavar="SIZE",
+        help="memory for buffered writes before they are stored (default 256M)",
+    )
+    s.set_defaults(run=mounting.mount)
+
+    s = sub.add_parser("umount", help="flush, unmount and wait for the daemon to finish")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("--lazy", "-z", action="store_true", help="detach even if busy")
+    s.set_defaults(run=mounting.umount)
 
     s = sub.add_parser("demo", help="make a demo store filled with sample files and show its stats")
     s.add_argument("dir", metavar="DIR", nargs="?", default="/tmp/casfs-demo")

@@ -25,7 +25,7 @@ from casfs.store import layout
 from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store, Tx
 from casfs.tree import directory
-from casfs.tree.content import MAX_REGION, Content
+from casfs.tree.content import MAX_REGION, Content, StaleWrite, WriteJob
 from casfs.tree.records import NAME_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, Inode
 
 ROOT_INO = layout.ROOT_INO
@@ -445,9 +445,12 @@ class Filesystem:
             raise FsError(errno.EINVAL, "negative offset or length")
         return self.content.read(tx, ino, inode.size, offset, length)
 
-    def write(self, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
+    def write(
+        self, ino: int, offset: int, data: bytes | bytearray | memoryview, mtime_ns: int | None = None
+    ) -> int:
         """Write ``data`` at ``offset`` (past the end leaves a hole). Large writes commit in
-        pieces of at most MAX_REGION bytes, like a real filesystem's, not atomically."""
+        pieces of at most MAX_REGION bytes, like a real filesystem's, not atomically.
+        ``mtime_ns`` is when the bytes were written, if that was before now (buffered)."""
         if offset < 0:
             raise FsError(errno.EINVAL, "negative offset")
         view = memoryview(data)
@@ -456,21 +459,39 @@ class Filesystem:
                 self._regular(tx, ino)  # same errors as a write of some bytes
             return 0
         for start in range(0, len(view), MAX_REGION):
-            self._write_piece(ino, offset + start, view[start : start + MAX_REGION])
+            job = self.start_write(ino, offset + start, view[start : start + MAX_REGION])
+            self.store.run_write(lambda tx, job=job: self._apply_write(tx, job, mtime_ns, True))
         return len(view)
 
-    @_writes
-    def _write_piece(self, tx: Tx, ino: int, offset: int, data: memoryview) -> None:
-        inode = self._regular(tx, ino)
-        delta = self.content.write(tx, ino, offset, data)
+    def start_write(self, ino: int, offset: int, data: memoryview) -> WriteJob:
+        """A staged write of at most MAX_REGION bytes (see :class:`WriteJob`) for callers that
+        run its CPU stages elsewhere; :meth:`finish_write` applies it."""
+        if offset < 0 or len(data) > MAX_REGION:
+            raise FsError(errno.EINVAL, "bad write range")
+        return WriteJob(self.content, ino, offset, data)
+
+    def finish_write(self, job: WriteJob, mtime_ns: int | None = None) -> None:
+        """Apply a planned, cut, picked and compressed job (re-planning it inline if the file's
+        extents changed in between)."""
+        self.store.run_write(lambda tx: self._apply_write(tx, job, mtime_ns, False))
+
+    def _apply_write(self, tx: Tx, job: WriteJob, mtime_ns: int | None, inline: bool) -> None:
+        inode = self._regular(tx, job.ino)
+        if inline:
+            delta = job.run(tx)
+        else:
+            try:
+                delta = job.apply(tx)
+            except StaleWrite:
+                delta = job.run(tx)
         t = now_ns()
         self._put(
             tx,
             inode.but(
-                size=max(inode.size, offset + len(data)),
+                size=max(inode.size, job.offset + len(job.data)),
                 data_bytes=inode.data_bytes + delta,
-                mtime_ns=t,
-                ctime_ns=t,
+                mtime_ns=mtime_ns or t,
+                ctime_ns=max(inode.ctime_ns, mtime_ns or t),
             ),
         )
 

@@ -1,0 +1,87 @@
+"""Serving a store at a mountpoint: set-up, the trio request loop, clean shutdown.
+
+Order of events: open the store (taking its writer lock), free the orphans a crash left,
+mount, report ready, serve until unmounted or signalled, then flush every buffered write,
+commit, and close. SIGTERM and SIGINT unmount cleanly; an external ``fusermount3 -u`` ends the
+loop the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from casfs.fuse.operations import CasfsOperations, MountOptions
+from casfs.store.store import Store
+from casfs.tree.fs import Filesystem
+
+log = logging.getLogger(__name__)
+
+
+def fuse_options(store: Store, options: MountOptions) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    opts |= {"fsname=" + store.path.replace(",", "\\,"), "subtype=casfs"}
+    if options.allow_other:
+        opts.add("allow_other")
+    if options.debug:
+        opts.add("debug")
+    return opts
+
+
+def serve(
+    store_path: str,
+    mountpoint: str,
+    options: MountOptions,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount ``store_path`` at ``mountpoint`` and serve until unmounted. Raises CasfsError
+    (one clear line) when the store or the mountpoint cannot be used."""
+    store = Store(store_path)
+    fs = Filesystem(store, cache_bytes=options.cache_bytes)
+    try:
+        freed = fs.free_orphans()
+        if freed:
+            log.info("freed %d orphaned inode(s) left by an unclean shutdown", freed)
+        ops = CasfsOperations(fs, store, options)
+        pyfuse3.init(ops, mountpoint, fuse_options(store, options))
+        log.info("mounted %s at %s", store.path, mountpoint)
+        unmount = True
+        try:
+            store.begin_batch()
+            if ready:
+                ready()
+            unmount = trio.run(_loop, ops)
+        finally:
+            pyfuse3.close(unmount=unmount)
+            store.commit_batch()
+            log.info("unmounted %s", mountpoint)
+    finally:
+        fs.close()
+        store.close()
+
+
+async def _loop(ops: CasfsOperations) -> bool:
+    """Serve requests; returns True when the loop ended by a signal (we must unmount)."""
+    signalled = False
+    async with trio.open_nursery() as nursery:
+
+        async def on_signal() -> None:
+            nonlocal signalled
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("got signal %d: unmounting", signum)
+                    signalled = True
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signal)
+        nursery.start_soon(ops.flusher.run_timer)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    await ops.flusher.flush_all()
+    ops.flusher.commit()
+    return signalled

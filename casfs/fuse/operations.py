@@ -1,0 +1,392 @@
+"""pyfuse3 Operations: a thin translation from kernel requests to the filesystem model.
+
+What lives here is only kernel-facing state: lookup counts and open handles (``Pins``), file
+handles, write buffers and the flusher. Errors from the model carry an errno and become
+``FUSEError``; anything unexpected is logged and answered with EIO, never allowed to end the
+request loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from casfs.errors import CasfsError, CorruptObject
+from casfs.fuse.flusher import INLINE_BYTES, Flusher, InodeLocks
+from casfs.fuse.pins import Pins
+from casfs.fuse.writeback import WriteBuffers
+from casfs.store.store import Store
+from casfs.tree.fs import Filesystem
+from casfs.tree.records import Inode
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# The live tree changes only through this mount, and the kernel updates or invalidates its
+# own cache on every change it makes, so attributes and entries can be cached for a while.
+ATTR_TIMEOUT = 5.0
+ENTRY_TIMEOUT = 5.0
+BLKSIZE = 128 << 10
+READDIR_BATCH = 256
+DOT_COOKIES = 2  # readdir offsets 1 and 2 are "." and ".."; entry cookie c is offset c + 2
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    write_buffer: int = 256 << 20
+    cache_bytes: int = 64 << 20
+    allow_other: bool = False
+    debug: bool = False
+
+
+def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Answer the kernel with the model's errno; log and answer EIO for anything else."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except CorruptObject as exc:
+            log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except CasfsError as exc:
+            if exc.errno in (errno.EIO, errno.ENOSPC):
+                log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class CasfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: Filesystem, store: Store, options: MountOptions) -> None:
+        super().__init__()
+        self.fs = fs
+        self.store = store
+        self.options = options
+        self.pins = Pins()
+        fs.is_held = self.pins.is_held
+        self.buffers = WriteBuffers(options.write_buffer)
+        self.locks = InodeLocks()
+        self.flusher = Flusher(fs, store, self.buffers, self.locks)
+        self.handles: dict[int, int] = {}  # fh -> ino
+        self._next_fh = 1
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode.ino
+        a.generation = 0
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = inode.mode
+        a.st_nlink = inode.nlink
+        a.st_uid = inode.uid
+        a.st_gid = inode.gid
+        a.st_rdev = inode.rdev
+        size, data, mtime = inode.size, inode.data_bytes, inode.mtime_ns
+        for dirty in (self.flusher.flushing.get(inode.ino), self.buffers.get(inode.ino)):
+            if dirty is not None:
+                size = max(size, dirty.end)
+                data += dirty.nbytes
+                mtime = max(mtime, dirty.mtime_ns)
+        a.st_size = size
+        a.st_blksize = BLKSIZE
+        a.st_blocks = (min(data, size) + 511) // 512
+        a.st_atime_ns = inode.atime_ns
+        a.st_mtime_ns = mtime
+        a.st_ctime_ns = max(inode.ctime_ns, mtime)
+        return a
+
+    def _known(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        """Reply with an entry the kernel will hold: one more lookup."""
+        self.pins.looked_up(inode.ino)
+        return self.entry(inode)
+
+    def _unpinned(self, ino: int) -> None:
+        """Nothing in the kernel refers to ``ino`` any more: free it if it has no links."""
+        if self._nlink(ino) == 0:
+            self.flusher.drop(ino)
+        self.fs.release(ino)
+        self.locks.drop(ino)
+
+    def _nlink(self, ino: int) -> int:
+        try:
+            return self.fs.getattr(ino).nlink
+        except CasfsError:
+            return 0
+
+    def _new_fh(self, ino: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = ino
+        self.pins.opened(ino)
+        return fh
+
+    def _ino(self, fh: int) -> int:
+        try:
+            return self.handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    def _raise_flush_error(self, ino: int) -> None:
+        code = self.flusher.take_error(ino)
+        if code is not None:
+            raise pyfuse3.FUSEError(code)
+
+    # -- lookups and attributes -------------------------------------------------------------
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._known(self.fs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        try:
+            for ino in self.pins.forget(inode_list):
+                self._unpinned(ino)
+        except Exception:
+            log.exception("forget failed")  # forget must never raise
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self.entry(self.fs.getattr(inode))
+
+    @fuse_errors
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        changes: dict[str, int] = {}
+        if fields.update_mode:
+            changes["mode"] = attr.st_mode
+        if fields.update_uid:
+            changes["uid"] = attr.st_uid
+        if fields.update_gid:
+            changes["gid"] = attr.st_gid
+        if fields.update_atime:
+            changes["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            changes["mtime_ns"] = attr.st_mtime_ns
+        if fields.update_size:
+            async with self.locks(inode):
+                await self.flusher.flush_locked(inode)  # truncate after what was written
+                return self.entry(self.fs.setattr(inode, size=attr.st_size, **changes))
+        return self.entry(self.fs.setattr(inode, **changes))
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.readlink(inode)
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        disk = os.statvfs(self.store.path)
+        inodes = self.store.stats().inodes
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = BLKSIZE
+        s.f_frsize = disk.f_frsize
+        s.f_blocks = disk.f_blocks
+        s.f_bfree = disk.f_bfree
+        s.f_bavail = disk.f_bavail
+        s.f_ffree = s.f_favail = 1 << 32
+        s.f_files = inodes + s.f_ffree
+        s.f_namemax = 255
+        return s
+
+    # -- namespace --------------------------------------------------------------------------
+
+    @fuse_errors
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        inode = self.fs.mknod(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev)
+        return self._known(inode)
+
+    @fuse_errors
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._known(self.fs.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+
+    @fuse_errors
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._known(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @fuse_errors
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._known(self.fs.link(inode, new_parent_inode, new_name))
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.unlink(parent_inode, name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.rmdir(parent_inode, name)
+
+    @fuse_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # -- files ------------------------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.fs.getattr(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        # The page cache stays valid across opens: every change goes through this mount.
+        return pyfuse3.FileInfo(fh=self._new_fh(inode), keep_cache=True)
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        inode = self.fs.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
+        entry = self._known(inode)
+        return pyfuse3.FileInfo(fh=self._new_fh(inode.ino), keep_cache=True), entry
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        ino = self._ino(fh)
+        async with self.locks(ino):
+            node = self.fs.getattr(ino)
+            dirty = self.buffers.get(ino)
+            length = min(size, max(node.size, dirty.end if dirty else 0) - off)
+            if length <= 0:
+                return b""
+            with self.store.read() as tx:
+                job = self.fs.content.read_job(tx, ino, node.size, off, length)
+            if job.ready or length < INLINE_BYTES // 4:
+                data = job.assemble()
+            else:
+                data = await trio.to_thread.run_sync(job.assemble)
+            job.remember()
+            if dirty is None:
+                return data
+            out = bytearray(data)
+            out.extend(bytes(length - len(out)))  # buffered bytes past the stored end
+            dirty.overlay(off, out)
+            return bytes(out)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        ino = self._ino(fh)
+        dirty = self.buffers.get(ino)
+        if dirty is not None and not dirty.can_take(off, len(buf)):
+            await self.flusher.flush(ino)
+        self._raise_flush_error(ino)
+        async with self.locks(ino):  # wait for a flush of this file in progress
+            self.buffers.add(ino, off, buf)
+        if self.buffers.over_limit:
+            await self.flusher.relieve_pressure()
+        return len(buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        self._raise_flush_error(self._ino(fh))
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        ino = self.handles.pop(fh, None)
+        if ino is None:
+            return
+        if self._nlink(ino) > 0:
+            await self.flusher.flush(ino)
+        if self.pins.closed(ino):
+            self._unpinned(ino)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        ino = self._ino(fh)
+        await self.flusher.flush(ino)
+        self._raise_flush_error(ino)
+        self.flusher.commit()
+
+    # -- directories ------------------------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if not self.fs.getattr(inode).is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ino = fh
+        if start_id < DOT_COOKIES:
+            node = self.fs.getattr(ino)
+            dots = [(b".", node), (b"..", self.fs.getattr(node.parent or ino))]
+            for offset, (name, attrs) in enumerate(dots[start_id:], start_id + 1):
+                if not pyfuse3.readdir_reply(token, name, self.entry(attrs), offset):
+                    return  # no lookup count for . and ..
+        after = max(start_id - DOT_COOKIES, 0)
+        while True:
+            batch = self.fs.readdir(ino, after=after, limit=READDIR_BATCH)
+            for cookie, name, child in batch:
+                if not pyfuse3.readdir_reply(token, name, self.entry(child), cookie + DOT_COOKIES):
+                    return
+                self.pins.looked_up(child.ino)
+            if len(batch) < READDIR_BATCH:
+                return
+            after = batch[-1][0]
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.flusher.commit()
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.getxattr(inode, name)
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.fs.listxattr(inode)
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.setxattr(inode, name, value)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.removexattr(inode, name)
+
