@@ -33,10 +33,36 @@ from casfs.tree.fs import ROOT_INO, Filesystem
 
 # English letter frequencies (per mille), space and newline: a text-like byte distribution.
 _FREQ = {
-    " ": 180, "e": 102, "t": 75, "a": 65, "o": 62, "i": 57, "n": 57, "s": 53, "h": 50,
-    "r": 49, "d": 35, "l": 33, "u": 23, "c": 22, "m": 20, "w": 19, "f": 18, "g": 16,
-    "y": 16, "p": 15, "b": 12, ",": 10, ".": 9, "\n": 8, "v": 8, "k": 6, "j": 1, "x": 1,
-    "q": 1, "z": 1,
+    " ": 180,
+    "e": 102,
+    "t": 75,
+    "a": 65,
+    "o": 62,
+    "i": 57,
+    "n": 57,
+    "s": 53,
+    "h": 50,
+    "r": 49,
+    "d": 35,
+    "l": 33,
+    "u": 23,
+    "c": 22,
+    "m": 20,
+    "w": 19,
+    "f": 18,
+    "g": 16,
+    "y": 16,
+    "p": 15,
+    "b": 12,
+    ",": 10,
+    ".": 9,
+    "\n": 8,
+    "v": 8,
+    "k": 6,
+    "j": 1,
+    "x": 1,
+    "q": 1,
+    "z": 1,
 }
 
 
@@ -48,7 +74,9 @@ def text_like(n: int) -> bytes:
     return os.urandom(n).translate(bytes(table))
 
 
-def emit(figure: str, value: float, unit: str, vs: str | None = None, ref: float | None = None) -> None:
+def emit(
+    figure: str, value: float, unit: str, vs: str | None = None, ref: float | None = None
+) -> None:
     line = {"bench": "ingest", "figure": figure, "value": round(value, 1), "unit": unit}
     if vs is not None and ref:
         line.update(vs=vs, ratio=round(value / ref, 3))

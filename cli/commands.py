@@ -22,7 +22,8 @@ def init(args: argparse.Namespace) -> int:
     if avg not in ALLOWED_AVG:
         raise CasfsError("--chunk-avg must be 16K, 32K or 64K")
     store = Filesystem.create_store(args.store, chunk_avg=avg, zstd_level=args.zstd_level)
-    print(f"created store {store.path} (uuid {store.uuid}, chunks ~{avg >> 10} KiB, zstd {args.zstd_level})")
+    chunks = f"chunks ~{avg >> 10} KiB, zstd {args.zstd_level}"
+    print(f"created store {store.path} (uuid {store.uuid}, {chunks})")
     store.close()
     return 0
 
@@ -76,8 +77,10 @@ def stats(args: argparse.Namespace) -> int:
 def fsck(args: argparse.Namespace) -> int:
     progress = None
     if args.verify_data and sys.stderr.isatty():
+
         def progress(msg: str) -> None:
             print(f"\r{msg}", end="", file=sys.stderr, flush=True)
+
     with Store(args.store, writer=False) as store:
         report = run_fsck(store, verify_data=args.verify_data, progress=progress)
     if progress:
@@ -100,7 +103,8 @@ def fsck(args: argparse.Namespace) -> int:
             print(f"{p.kind}: {p.message}")
         verified = f", {human_bytes(report.verified_bytes)} verified" if args.verify_data else ""
         state = "clean" if report.clean else f"{len(report.problems)} problem(s)"
-        print(f"{report.inodes:,} inodes, {report.objects:,} objects, {report.extents:,} extents{verified}: {state}")
+        counts = f"{report.inodes:,} inodes, {report.objects:,} objects, {report.extents:,} extents"
+        print(f"{counts}{verified}: {state}")
     return 0 if report.clean else 1
 
 

@@ -1,81 +1,92 @@
-"""``casfs demo``: a store filled with real files, to see chunking, dedup and compression.
+"""``casfs demo``: a mounted store filled with real files, to see casfs at work.
 
-It copies this interpreter's standard library into the store's live tree twice (the second
-copy costs almost nothing: every chunk is already stored) and prints ``casfs stats``. Until
-the mount exists this is how to see casfs at work; it uses the same library calls as the
-rest of casfs.
+It creates a store, mounts it, copies this interpreter's standard library into the mount
+twice with ordinary file calls (the second copy costs almost nothing: every chunk is
+already stored), prints ``casfs stats`` and leaves the mount up for the user to explore.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import stat
+import subprocess
+import sys
 import sysconfig
 import time
 
 from casfs.errors import CasfsError
-from casfs.tree.fs import ROOT_INO, Filesystem
+from casfs.fuse.mountpoint import FSTYPE, find_mount
 from casfs_cli.format import human_bytes
 
 SKIP_DIRS = {"site-packages", "__pycache__", "test", "tests", "idlelib", "tkinter", "turtledemo"}
 
 
-def copy_tree(fs: Filesystem, src: str, parent: int, name: bytes) -> tuple[int, int]:
-    """Copy directory ``src`` into ``parent``/``name``; returns (files, bytes)."""
-    st = os.lstat(src)
-    top = fs.mkdir(parent, name, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+def _casfs(*args: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "casfs_cli.main", *args], capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        raise CasfsError((r.stderr or r.stdout).strip().splitlines()[-1])
+
+
+def _copy(src: str, dst: str) -> tuple[int, int]:
     files = nbytes = 0
-    for entry in sorted(os.scandir(src), key=lambda e: e.name):
-        bname = os.fsencode(entry.name)
-        est = entry.stat(follow_symlinks=False)
-        if entry.is_dir(follow_symlinks=False):
-            if entry.name in SKIP_DIRS:
-                continue
-            f, b = copy_tree(fs, entry.path, top.ino, bname)
-            files, nbytes = files + f, nbytes + b
-        elif entry.is_symlink():
-            fs.symlink(top.ino, bname, os.fsencode(os.readlink(entry.path)), est.st_uid, est.st_gid)
-        elif entry.is_file(follow_symlinks=False):
-            node = fs.create(top.ino, bname, stat.S_IMODE(est.st_mode), est.st_uid, est.st_gid)
-            with open(entry.path, "rb") as f:
-                data = f.read()
-            fs.write(node.ino, 0, data)
-            fs.setattr(node.ino, mtime_ns=est.st_mtime_ns, atime_ns=est.st_atime_ns)
-            files, nbytes = files + 1, nbytes + len(data)
+
+    def count(path: str, target: str) -> None:
+        nonlocal files, nbytes
+        shutil.copy2(path, target, follow_symlinks=False)
+        if not os.path.islink(path):
+            files += 1
+            nbytes += os.path.getsize(path)
+
+    shutil.copytree(
+        src,
+        dst,
+        symlinks=True,
+        ignore=lambda d, names: [n for n in names if n in SKIP_DIRS],
+        copy_function=count,
+    )
     return files, nbytes
 
 
 def run(directory: str) -> int:
-    store_dir = os.path.join(directory, "store")
-    if os.path.exists(store_dir):
-        shutil.rmtree(store_dir)
-    os.makedirs(directory, exist_ok=True)
+    directory = os.path.abspath(directory)
+    store, mnt = os.path.join(directory, "store"), os.path.join(directory, "mnt")
+    old = find_mount(mnt)
+    if old is not None and old.fstype == FSTYPE:
+        _casfs("umount", mnt)
+    if os.path.exists(store):
+        shutil.rmtree(store)
+    os.makedirs(mnt, exist_ok=True)
     src = sysconfig.get_paths()["stdlib"]
     if not os.path.isdir(src):
         raise CasfsError(f"cannot find the Python standard library at {src}")
-    store = Filesystem.create_store(store_dir)
-    fs = Filesystem(store)
+    print(f"$ casfs init {store}")
+    _casfs("init", store)
+    print(f"$ casfs mount {store} {mnt}")
+    _casfs("mount", store, mnt)
     try:
-        print(f"casfs demo: store {store_dir}")
-        for copy in (b"stdlib", b"stdlib-again"):
+        for name in ("stdlib", "stdlib-again"):
             t0 = time.perf_counter()
-            store.begin_batch()
-            files, nbytes = copy_tree(fs, src, ROOT_INO, copy)
-            store.commit_batch()
+            files, nbytes = _copy(src, os.path.join(mnt, name))
             dt = time.perf_counter() - t0
             print(
-                f"copied {src} -> /{copy.decode()}: {files:,} files, {human_bytes(nbytes)} "
+                f"$ cp -a {src} {mnt}/{name}   # {files:,} files, {human_bytes(nbytes)} "
                 f"in {dt:.1f} s ({human_bytes(nbytes / dt)}/s)"
             )
-    finally:
-        fs.close()
-        store.close()
-    print()
-    print(f"$ casfs stats {store_dir}")
-    from casfs_cli.commands import print_stats, stats_dict
-    from casfs.store.store import Store
-
-    with Store(store_dir, writer=False) as ro:
-        print_stats(stats_dict(ro))
+        fd = os.open(os.path.join(mnt, "stdlib", "os.py"), os.O_RDONLY)
+        try:
+            os.fsync(fd)  # commits the mount's batch, so the stats below see everything
+        finally:
+            os.close(fd)
+    except BaseException:
+        _casfs("umount", mnt)
+        raise
+    print(f"\n$ casfs stats {store}")
+    sys.stdout.flush()
+    subprocess.run([sys.executable, "-m", "casfs_cli.main", "stats", store], check=False)
+    print(
+        f"\nThe store stays mounted at {mnt}: browse it, copy files in, and see the effect "
+        f"with 'casfs stats {store}'.\nWhen done: casfs umount {mnt}"
+    )
     return 0

@@ -70,6 +70,7 @@ def test_fsck_reports_problems_with_exit_1(tmp_path):
         node = fs.create(ROOT_INO, b"a", 0o644, 0, 0)
         fs.write(node.ino, 0, os.urandom(5000))
         fs.close()
+
         # break a refcount behind the model's back
         def bump(tx):
             digest, value = next(tx.prefix(b"refs", b""))

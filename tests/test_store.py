@@ -197,7 +197,7 @@ def test_pipeline_dedups_and_makes_holes(tmp_path):
             assert len(set(digests)) < len(digests)  # the repeated block cuts the same
             chunks = [buf[x.offset : x.offset + x.length] for x in pieces if x.digest]
             values = p.compress(chunks)
-            assert [s.codec.decode(d, v) for d, v in zip(digests, values)] == chunks
+            assert [s.codec.decode(d, v) for d, v in zip(digests, values, strict=True)] == chunks
         finally:
             p.close()
 
@@ -262,7 +262,8 @@ def small_disk(tmp_path):
     """A 24 MiB tmpfs (needs root; skipped elsewhere)."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)]
+    r = subprocess.run(cmd, capture_output=True)
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
     try:

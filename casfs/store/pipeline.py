@@ -47,7 +47,9 @@ class Pipeline:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    def _spread(self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], weight: int) -> list[R]:
+    def _spread(
+        self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], weight: int
+    ) -> list[R]:
         """``fn`` over ``items`` in one share per core (this thread takes the first), or all
         here when the work (``weight`` bytes) is too small to be worth a thread hop."""
         shares = min(self.workers, len(items))
@@ -96,7 +98,9 @@ class Pipeline:
     def decode_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
         """Decode (digest, stored value) pairs, verifying each, on all cores."""
         decode = self.store.codec.decode
-        return self._spread(lambda part: [decode(d, v) for d, v in part], items, sum(len(v) for _, v in items))
+        return self._spread(
+            lambda part: [decode(d, v) for d, v in part], items, sum(len(v) for _, v in items)
+        )
 
 
 _ZERO = bytes(1 << 20)

@@ -207,7 +207,9 @@ class ReadJob:
     anywhere (``assemble``; decoding verifies every digest), and put in the chunk cache back
     on the store's thread (``remember``)."""
 
-    def __init__(self, content: Content, extents: list[Extent], offset: int = 0, end: int = 0) -> None:
+    def __init__(
+        self, content: Content, extents: list[Extent], offset: int = 0, end: int = 0
+    ) -> None:
         self.content = content
         self.extents = extents
         self.offset = offset
@@ -372,9 +374,15 @@ class WriteJob:
             value = self.values.get(p.digest)
             if value is None and not c.store.has_object(tx, p.digest):
                 # freed since pick (or earlier in this transaction): encode it now
-                value = c.store.codec.encode(view[p.offset - self.start : p.offset - self.start + p.length])
+                value = c.store.codec.encode(
+                    view[p.offset - self.start : p.offset - self.start + p.length]
+                )
                 self.values[p.digest] = value
             c.store.add_ref(tx, p.digest, value, p.length)
-            tx.put(b"extents", layout.extent_key(self.ino, p.offset), layout.extent_value(p.digest, p.length))
+            tx.put(
+                b"extents",
+                layout.extent_key(self.ino, p.offset),
+                layout.extent_value(p.digest, p.length),
+            )
             stored += p.length
         return stored

@@ -43,7 +43,9 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-def _writes(fn: Callable[Concatenate[Filesystem, Tx, P], R]) -> Callable[Concatenate[Filesystem, P], R]:
+def _writes(
+    fn: Callable[Concatenate[Filesystem, Tx, P], R],
+) -> Callable[Concatenate[Filesystem, P], R]:
     """Run the method in a write transaction (joined if one is open)."""
 
     @functools.wraps(fn)
@@ -53,7 +55,9 @@ def _writes(fn: Callable[Concatenate[Filesystem, Tx, P], R]) -> Callable[Concate
     return wrapper
 
 
-def _reads(fn: Callable[Concatenate[Filesystem, Tx, P], R]) -> Callable[Concatenate[Filesystem, P], R]:
+def _reads(
+    fn: Callable[Concatenate[Filesystem, Tx, P], R],
+) -> Callable[Concatenate[Filesystem, P], R]:
     """Run the method in a read transaction (the open write transaction, if any)."""
 
     @functools.wraps(fn)
@@ -288,9 +292,7 @@ class Filesystem:
         return self._new_inode(tx, parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid)
 
     @_writes
-    def symlink(
-        self, tx: Tx, parent: int, name: bytes, target: bytes, uid: int, gid: int
-    ) -> Inode:
+    def symlink(self, tx: Tx, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         if not target or len(target) > 4095:
             raise FsError(errno.ENAMETOOLONG if target else errno.ENOENT, "symlink target")
         return self._new_inode(tx, parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
@@ -446,7 +448,11 @@ class Filesystem:
         return self.content.read(tx, ino, inode.size, offset, length)
 
     def write(
-        self, ino: int, offset: int, data: bytes | bytearray | memoryview, mtime_ns: int | None = None
+        self,
+        ino: int,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        mtime_ns: int | None = None,
     ) -> int:
         """Write ``data`` at ``offset`` (past the end leaves a hole). Large writes commit in
         pieces of at most MAX_REGION bytes, like a real filesystem's, not atomically.

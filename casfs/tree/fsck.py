@@ -60,7 +60,10 @@ def fsck(
 
 
 def _load_inodes(tx: Tx) -> dict[int, Inode]:
-    return {layout.read_u64(k): Inode.unpack(layout.read_u64(k), v) for k, v in tx.prefix(b"inodes", b"")}
+    return {
+        layout.read_u64(k): Inode.unpack(layout.read_u64(k), v)
+        for k, v in tx.prefix(b"inodes", b"")
+    }
 
 
 def _check_namespace(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> dict[int, bytes]:
@@ -86,7 +89,9 @@ def _check_namespace(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> di
         if inodes[child].is_dir:
             subdirs[parent] += 1
             if inodes[child].parent != parent:
-                report.add("structure", f"{where}: directory {child} records parent {inodes[child].parent}")
+                report.add(
+                    "structure", f"{where}: directory {child} records parent {inodes[child].parent}"
+                )
         back = tx.get(b"dircookies", layout.cookie_key(parent, cookie))
         if back is None or layout.read_cookie_value(back) != (child, name):
             report.add("structure", f"{where}: readdir cookie {cookie} does not match")
@@ -115,7 +120,9 @@ def _check_namespace(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> di
         if ino in reached:
             want = 2 + subdirs[ino] if inode.is_dir else links[ino]
             if inode.nlink != want:
-                report.add("nlink", f"inode {ino} ({paths[ino]!r}) has nlink {inode.nlink}, counted {want}")
+                report.add(
+                    "nlink", f"inode {ino} ({paths[ino]!r}) has nlink {inode.nlink}, counted {want}"
+                )
         elif inode.nlink == 0 and ino in orphans:
             report.add("orphan", f"inode {ino} is unlinked and not yet freed (freed at next mount)")
         else:
@@ -149,7 +156,10 @@ def _check_extents(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> Coun
         data_bytes[ino] += length
     for ino, inode in inodes.items():
         if inode.is_reg and inode.data_bytes != data_bytes[ino]:
-            report.add("structure", f"inode {ino}: data_bytes {inode.data_bytes}, counted {data_bytes[ino]}")
+            report.add(
+                "structure",
+                f"inode {ino}: data_bytes {inode.data_bytes}, counted {data_bytes[ino]}",
+            )
     return refs
 
 
@@ -162,7 +172,9 @@ def _check_objects(tx: Tx, counted: Counter[bytes], report: FsckReport) -> None:
             report.add("dangling", f"object {digest.hex()} is counted but not stored")
         want = counted.get(digest, 0)
         if want == 0:
-            report.add("leak", f"object {digest.hex()} has refcount {count} but nothing refers to it")
+            report.add(
+                "leak", f"object {digest.hex()} has refcount {count} but nothing refers to it"
+            )
         elif count != want:
             report.add("refcount", f"object {digest.hex()} has refcount {count}, counted {want}")
     cur = tx.cursor(b"objects")
@@ -171,7 +183,9 @@ def _check_objects(tx: Tx, counted: Counter[bytes], report: FsckReport) -> None:
         if digest not in stored:
             report.add("leak", f"object {digest.hex()} is stored without a refcount")
     for digest in counted.keys() - stored.keys():
-        report.add("dangling", f"object {digest.hex()} is referenced {counted[digest]}x but missing")
+        report.add(
+            "dangling", f"object {digest.hex()} is referenced {counted[digest]}x but missing"
+        )
 
 
 def _check_xattrs(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> None:
