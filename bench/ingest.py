@@ -11,8 +11,10 @@ run on the same bytes, so the ratios hold on a shared, noisy machine:
   readback  Filesystem.read of the whole file, cold (decode + verify on all cores)
 
 Goals (issue 2): ingest >= 0.5 x the slowest stage alone; readback >= 0.7 x unzstd alone.
+Rounds alternate stage and pipeline runs; each figure is the median over rounds, and each
+ratio the median of the per-round ratios (both sides measured in the same round).
 Prints one JSON line per figure: {"bench", "figure", "value", "unit", ["vs", "ratio"]}.
-Run: .venv/bin/python bench/ingest.py [--mib 1024]
+Run: .venv/bin/python bench/ingest.py [--mib 1024] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -75,11 +78,11 @@ def text_like(n: int) -> bytes:
 
 
 def emit(
-    figure: str, value: float, unit: str, vs: str | None = None, ref: float | None = None
+    figure: str, value: float, unit: str, vs: str | None = None, ratio: float | None = None
 ) -> None:
     line = {"bench": "ingest", "figure": figure, "value": round(value, 1), "unit": unit}
-    if vs is not None and ref:
-        line.update(vs=vs, ratio=round(value / ref, 3))
+    if vs is not None and ratio is not None:
+        line.update(vs=vs, ratio=round(ratio, 3))
     print(json.dumps(line), flush=True)
 
 
@@ -87,93 +90,131 @@ def rate(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e6
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mib", type=int, default=1024, help="data size in MiB (default 1024)")
-    ap.add_argument("--dir", default=None, help="where to put the scratch store (default: tmp)")
-    args = ap.parse_args()
-    half = args.mib << 19
-    data = os.urandom(half) + text_like(half)
+def stages_alone(data: bytes, work: str, params, zstd_level: int, codec) -> dict[str, float]:
+    """Each stage alone, single-threaded, on the same bytes: MB/s by stage name."""
     total = len(data)
-    work = tempfile.mkdtemp(prefix="casfs-bench-", dir=args.dir)
+    view = memoryview(data)
+    t = time.perf_counter()
+    lengths = Chunker(params).cut(view)
+    out = {"fastcdc": rate(total, time.perf_counter() - t)}
+    chunks = []
+    pos = 0
+    for n in lengths:
+        chunks.append(view[pos : pos + n])
+        pos += n
+
+    t = time.perf_counter()
+    digests = [blake3.blake3(c).digest() for c in chunks]
+    out["blake3"] = rate(total, time.perf_counter() - t)
+
+    cctx = zstandard.ZstdCompressor(level=zstd_level)
+    t = time.perf_counter()
+    for c in chunks:
+        cctx.compress(c)
+    out["zstd"] = rate(total, time.perf_counter() - t)
+
+    values = [codec.encode(c) for c in chunks]
+    path = os.path.join(work, "lmdb-alone")
+    env = lmdb.open(path, map_size=4 * total + (1 << 30), max_dbs=2)
+    db = env.open_db(b"objects")
+    t = time.perf_counter()
+    for i in range(0, len(values), 512):
+        with env.begin(write=True, db=db) as txn:
+            for d, v in zip(digests[i : i + 512], values[i : i + 512], strict=True):
+                txn.put(d, v)
+    env.sync(True)
+    out["lmdb"] = rate(total, time.perf_counter() - t)
+    env.close()
+    shutil.rmtree(path)
+
+    dctx = zstandard.ZstdDecompressor()
+    t = time.perf_counter()
+    for v in values:
+        if v[0] & 0x0F:
+            dctx.decompress(v[1:])
+    out["unzstd"] = rate(total, time.perf_counter() - t)
+    return out
+
+
+def pipeline(data: bytes, work: str) -> dict[str, float]:
+    """Filesystem.write of the whole buffer, then two cold read-backs: MB/s by figure."""
+    total = len(data)
+    store = Filesystem.create_store(os.path.join(work, "store"))
+    fs = Filesystem(store, cache_bytes=16 << 20)
+    out = {}
     try:
-        store = Filesystem.create_store(os.path.join(work, "store"))
-        fs = Filesystem(store, cache_bytes=16 << 20)
-        view = memoryview(data)
-
-        # -- each stage alone, single-threaded, on the same bytes ---------------------------
-        t = time.perf_counter()
-        lengths = Chunker(store.params).cut(view)
-        cdc = rate(total, time.perf_counter() - t)
-        bounds = []
-        pos = 0
-        for n in lengths:
-            bounds.append((pos, n))
-            pos += n
-        chunks = [view[p : p + n] for p, n in bounds]
-
-        t = time.perf_counter()
-        digests = [blake3.blake3(c).digest() for c in chunks]
-        b3 = rate(total, time.perf_counter() - t)
-
-        cctx = zstandard.ZstdCompressor(level=store.codec.zstd_level)
-        t = time.perf_counter()
-        frames = [cctx.compress(c) for c in chunks]
-        zs = rate(total, time.perf_counter() - t)
-
-        values = [store.codec.encode(c) for c in chunks]
-        env = lmdb.open(os.path.join(work, "lmdb-alone"), map_size=4 * total + (1 << 30), max_dbs=2)
-        db = env.open_db(b"objects")
-        t = time.perf_counter()
-        for i in range(0, len(values), 512):
-            with env.begin(write=True, db=db) as txn:
-                for d, v in zip(digests[i : i + 512], values[i : i + 512], strict=True):
-                    txn.put(d, v)
-        env.sync(True)
-        put = rate(total, time.perf_counter() - t)
-        env.close()
-
-        dctx = zstandard.ZstdDecompressor()
-        t = time.perf_counter()
-        for v in values:
-            if v[0] & 0x0F:
-                dctx.decompress(v[1:])
-        unzstd = rate(total, time.perf_counter() - t)
-        del frames, values, chunks
-
-        stages = {"fastcdc": cdc, "blake3": b3, "zstd": zs, "lmdb": put}
-        for name, value in stages.items():
-            emit(f"{name}_alone", value, "MB/s")
-        emit("unzstd_alone", unzstd, "MB/s")
-        slowest = min(stages, key=stages.get)
-
-        # -- the pipeline -------------------------------------------------------------------
         node = fs.create(ROOT_INO, b"data", 0o644, 0, 0)
         t = time.perf_counter()
-        fs.write(node.ino, 0, view)
-        ingest = rate(total, time.perf_counter() - t)
-        emit("ingest", ingest, "MB/s", vs=f"{slowest}_alone", ref=stages[slowest])
-
+        fs.write(node.ino, 0, data)
+        out["ingest"] = rate(total, time.perf_counter() - t)
         # Read-back twice with a cold chunk cache: first while the store's pages are not yet
         # mapped in this process (each first touch of an LMDB page is a minor fault), then
         # with them mapped, as in a mount that has been running for a while.
         for figure in ("readback_first_touch", "readback"):
             fs.content.cache = type(fs.content.cache)(16 << 20)
-            out = []
+            parts = []
             t = time.perf_counter()
             for off in range(0, total, 1 << 20):
-                out.append(fs.read(node.ino, off, 1 << 20))
-            back = rate(total, time.perf_counter() - t)
-            if b"".join(out) != data:
+                parts.append(fs.read(node.ino, off, 1 << 20))
+            out[figure] = rate(total, time.perf_counter() - t)
+            if b"".join(parts) != data:
                 raise SystemExit("read-back mismatch")
-            del out
-            emit(figure, back, "MB/s", vs="unzstd_alone", ref=unzstd)
-        s = store.stats()
-        emit("stored_fraction", s.stored_bytes / total, "ratio")
+        out["stored_fraction"] = store.stats().stored_bytes / total
+        return out
+    finally:
         fs.close()
         store.close()
+        shutil.rmtree(os.path.join(work, "store"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=1024, help="data size in MiB (default 1024)")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians reported")
+    ap.add_argument("--dir", default=None, help="where to put the scratch store (default: tmp)")
+    args = ap.parse_args()
+    half = args.mib << 19
+    data = os.urandom(half) + text_like(half)
+    work = tempfile.mkdtemp(prefix="casfs-bench-", dir=args.dir)
+    rounds = []
+    try:
+        probe = Filesystem.create_store(os.path.join(work, "probe"))
+        params, level, codec = probe.params, probe.codec.zstd_level, probe.codec
+        probe.close()
+        for _ in range(args.repeat):
+            # alternate stage and pipeline runs, so a noisy neighbour hits both alike
+            rounds.append(stages_alone(data, work, params, level, codec) | pipeline(data, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    stages = ("fastcdc", "blake3", "zstd", "lmdb")
+    for name in (*stages, "unzstd"):
+        emit(f"{name}_alone", med(name), "MB/s")
+    # ratios per round (both sides measured in the same round), then the median
+    slowest = [min(stages, key=r.get) for r in rounds]
+    ingest_ratio = statistics.median(
+        r["ingest"] / r[s] for r, s in zip(rounds, slowest, strict=True)
+    )
+    emit("ingest", med("ingest"), "MB/s", vs="slowest_stage_alone", ratio=ingest_ratio)
+    for figure in ("readback_first_touch", "readback"):
+        ratio = statistics.median(r[figure] / r["unzstd"] for r in rounds)
+        emit(figure, med(figure), "MB/s", vs="unzstd_alone", ratio=ratio)
+    emit("stored_fraction", med("stored_fraction"), "ratio")
+    print(
+        json.dumps(
+            {
+                "bench": "ingest",
+                "figure": "rounds",
+                "value": args.repeat,
+                "unit": "count",
+                "slowest_stage": slowest,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

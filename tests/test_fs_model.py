@@ -550,6 +550,37 @@ def test_sequential_writes_chunk_like_one_write(store, fs):
     assert_fsck_clean(store)
 
 
+@pytest.mark.parametrize("step", [3 * MiB + 12345, 5 * MiB])
+def test_large_sequential_writes_chunk_like_one_write(store, fs, step):
+    """Writes larger than the joined head buffer: the head is cut apart from the new bytes
+    and the cuts must still match a whole-file cut."""
+    data = os.urandom(20 * MiB)
+    b = mkfile(fs, ROOT_INO, b"b")
+    for offset in range(0, len(data), step):
+        fs.write(b, offset, data[offset : offset + step])
+    with store.read() as tx:
+        eb = fs.content.extents(tx, b)
+    assert [e.length for e in eb] == fs.pipeline.chunker.cut(data)
+    assert whole(fs, b) == data
+    assert_fsck_clean(store)
+
+
+def test_large_overwrite_inside_a_file(store, fs):
+    """A multi-MiB overwrite with old bytes on both sides (head and tail)."""
+    data = bytearray(os.urandom(24 * MiB))
+    f = mkfile(fs, ROOT_INO, b"f", bytes(data))
+    patch = os.urandom(6 * MiB + 777)
+    at = 7 * MiB + 4321
+    fs.write(f, at, patch)
+    data[at : at + len(patch)] = patch
+    assert whole(fs, f) == bytes(data)
+    with store.read() as tx:
+        extents = fs.content.extents(tx, f)
+    assert sum(e.length for e in extents) == len(data)
+    assert all(a.end == b.offset for a, b in zip(extents, extents[1:]))
+    assert_fsck_clean(store)
+
+
 # -- extended attributes --------------------------------------------------------------------
 
 

@@ -1,8 +1,8 @@
 """Moves buffered writes into the store, and makes the store durable.
 
 The store's write transaction is owned by the trio thread: a flush plans on it, awaits the
-CPU stages (cut, hash, compress) in a worker thread, and applies the result on it again, so
-other requests are served meanwhile. A per-inode lock keeps one flush (or truncate, or read)
+CPU stages (cut, hash, compress) running in the pipeline's pool, and applies each group of
+chunks on it (see casfs.tree.writer), so other requests are served meanwhile. A per-inode lock keeps one flush (or truncate, or read)
 of a file at a time; the file's buffered bytes stay visible to ``getattr`` while they are in
 flight. All changes ride in one LMDB batch, committed (durably) on fsync, on the timer, and
 when enough data has gone into it.
@@ -10,28 +10,44 @@ when enough data has gone into it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
 from collections import defaultdict
+from concurrent.futures import Future
 
 import trio
 
 from casfs.errors import CasfsError, NoSpace
 from casfs.fuse.writeback import DirtyFile, WriteBuffers
 from casfs.store.store import Store
-from casfs.tree.content import MAX_REGION
 from casfs.tree.fs import Filesystem
 
 log = logging.getLogger(__name__)
 
-# Jobs smaller than this run their CPU stages on the trio thread: a thread hop costs more.
+# Reads smaller than this are decoded on the trio thread: a thread hop costs more.
 INLINE_BYTES = 256 << 10
 # Commit the batch once this much file data has gone into it (bounds LMDB's dirty pages).
-COMMIT_BYTES = 64 << 20
+COMMIT_BYTES = 32 << 20
 FLUSH_AGE = 1.0  # seconds a buffered write may wait before the timer flushes it
 COMMIT_INTERVAL = 1.0  # seconds between timed commits of the batch
 RESERVE_BYTES = 8 << 20  # disk space kept free for metadata and LMDB's copy-on-write pages
+# A file with this many bytes buffered is stored in the background while writing goes on;
+# a writer waits when its file has FILE_PENDING_MAX bytes not yet stored, so one sequential
+# writer keeps about that much in memory, whatever the mount's --write-buffer.
+FLUSH_AT = 16 << 20
+FILE_PENDING_MAX = 48 << 20
+
+
+async def wait_future(future: Future) -> None:
+    """Wait for a concurrent.futures.Future (the pipeline's) without blocking trio."""
+    if future.done():
+        return
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+    future.add_done_callback(lambda _: token.run_sync_soon(done.set))
+    await done.wait()
 
 
 class InodeLocks:
@@ -50,7 +66,9 @@ class InodeLocks:
 
 
 class Flusher:
-    def __init__(self, fs: Filesystem, store: Store, buffers: WriteBuffers, locks: InodeLocks) -> None:
+    def __init__(
+        self, fs: Filesystem, store: Store, buffers: WriteBuffers, locks: InodeLocks
+    ) -> None:
         self.fs = fs
         self.store = store
         self.buffers = buffers
@@ -59,6 +77,57 @@ class Flusher:
         self.errors: dict[int, int] = {}  # ino -> errno of a failed background flush
         self._batch_bytes = 0
         self._last_commit = time.monotonic()
+        self._nursery: trio.Nursery | None = None
+
+    def pending(self, ino: int) -> int:
+        """Bytes of ``ino`` written but not yet stored (buffered or in flight)."""
+        dirty, flushing = self.buffers.get(ino), self.flushing.get(ino)
+        return (dirty.nbytes if dirty else 0) + (flushing.nbytes if flushing else 0)
+
+    @property
+    def pending_total(self) -> int:
+        return self.buffers.total + sum(d.nbytes for d in self.flushing.values())
+
+    async def make_room(self, ino: int, offset: int, length: int) -> None:
+        """Wait until a write to ``ino`` may be buffered: no overlap with bytes in flight,
+        room in the file's share and in the mount's write buffer (back-pressure)."""
+        dirty = self.buffers.get(ino)
+        if dirty is not None and not dirty.can_take(offset, length):
+            await self.flush(ino)
+        flushing = self.flushing.get(ino)
+        if flushing is not None and flushing.overlaps(offset, length):
+            await self.idle(ino)
+        while (
+            self.pending(ino) >= FILE_PENDING_MAX or self.pending_total >= self.buffers.limit_bytes
+        ):
+            if ino in self.flushing:
+                await self.idle(ino)
+            elif ino in self.buffers.files:
+                await self.flush(ino)
+            else:
+                await self.relieve_pressure()
+                if self.pending_total >= self.buffers.limit_bytes:
+                    await trio.sleep(0.01)  # others' flushes are in flight
+
+    def written(self, ino: int) -> None:
+        """After a buffered write: start storing the file in the background once it has
+        FLUSH_AT bytes waiting, so the pipeline works while the writer goes on."""
+        dirty = self.buffers.get(ino)
+        if dirty is not None and dirty.nbytes >= FLUSH_AT and ino not in self.flushing:
+            if self._nursery is not None:
+                self._nursery.start_soon(self._background_flush, ino)
+
+    async def _background_flush(self, ino: int) -> None:
+        try:
+            await self.flush(ino)
+        except Exception:  # a bug here must not end the mount
+            log.exception("background flush of inode %d failed", ino)
+            self.errors[ino] = errno.EIO
+
+    async def idle(self, ino: int) -> None:
+        """Wait for a flush of ``ino`` in progress to end."""
+        async with self.locks(ino):
+            pass
 
     async def flush(self, ino: int) -> None:
         """Store ``ino``'s buffered writes (if any). The caller must not hold its lock."""
@@ -72,9 +141,11 @@ class Flusher:
         self.flushing[ino] = dirty
         try:
             for start in sorted(dirty.ranges):
-                buf = memoryview(dirty.ranges[start])
-                for off in range(0, len(buf), MAX_REGION):
-                    await self._write(ino, start + off, buf[off : off + MAX_REGION], dirty.mtime_ns)
+                data = dirty.ranges[start]
+                self._ensure_room(len(data))
+                for future in self.fs.write_steps(ino, start, data, dirty.mtime_ns):
+                    await wait_future(future)
+                self._batch_bytes += len(data)
         except CasfsError as exc:
             self.errors[ino] = exc.errno
             log.error("flushing inode %d failed: %s", ino, exc)
@@ -82,24 +153,6 @@ class Flusher:
             del self.flushing[ino]
         if self._batch_bytes >= COMMIT_BYTES:
             self.commit()
-
-    async def _write(self, ino: int, offset: int, data: memoryview, mtime_ns: int) -> None:
-        job = self.fs.start_write(ino, offset, data)
-        with self.store.read() as tx:
-            job.plan(tx)
-        if len(data) < INLINE_BYTES:
-            job.cut()
-        else:
-            await trio.to_thread.run_sync(job.cut)
-        with self.store.read() as tx:
-            job.pick(tx)
-        if sum(p.length for p in job.new) < INLINE_BYTES:
-            job.compress()
-        else:
-            await trio.to_thread.run_sync(job.compress)
-        self._ensure_room(len(data))
-        self.fs.finish_write(job, mtime_ns)
-        self._batch_bytes += len(data)
 
     def _ensure_room(self, nbytes: int) -> None:
         """Refuse a flush the disk cannot take *before* applying it: a failed commit would
@@ -129,7 +182,7 @@ class Flusher:
 
     async def relieve_pressure(self) -> None:
         """Flush the largest files until the buffers are under half their limit."""
-        while self.buffers.total > self.buffers.limit_bytes // 2:
+        while self.pending_total > self.buffers.limit_bytes // 2:
             ino = self.buffers.largest()
             if ino is None:
                 return
@@ -144,7 +197,13 @@ class Flusher:
             self._batch_bytes = 0
             self._last_commit = time.monotonic()
 
-    async def run_timer(self) -> None:
+    async def run(self) -> None:
+        """Background flushes and the timer; runs for the life of the mount."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._timer)
+
+    async def _timer(self) -> None:
         while True:
             await trio.sleep(FLUSH_AGE / 2)
             for ino in self.buffers.older_than(FLUSH_AGE):

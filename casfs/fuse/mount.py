@@ -79,7 +79,7 @@ async def _loop(ops: CasfsOperations) -> bool:
                     return
 
         nursery.start_soon(on_signal)
-        nursery.start_soon(ops.flusher.run_timer)
+        nursery.start_soon(ops.flusher.run)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     await ops.flusher.flush_all()

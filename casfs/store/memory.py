@@ -14,6 +14,11 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+# Above the 1 MiB read buffers and 64-256 KiB chunks, which then stay on the heap for reuse;
+# larger buffers (write buffers of a whole file) still get their own mappings, freed at once.
+MMAP_THRESHOLD = 4 << 20
+# How much free heap may stay mapped: bounds what LMDB's freed dirty pages keep in RSS.
+TRIM_THRESHOLD = 64 << 20
 _done = False
 
 
@@ -24,7 +29,7 @@ def tune_malloc() -> None:
     _done = True
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 64 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 256 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass

@@ -47,46 +47,60 @@ class Pipeline:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
+    def _shares(self, items: Sequence[T], weight: int) -> list[Sequence[T]]:
+        """``items`` cut into one share per core, or one share when the work (``weight``
+        bytes) is too small to be worth a thread hop."""
+        n = min(self.workers, len(items))
+        if n < 2 or weight < SPREAD_MIN_BYTES:
+            return [items]
+        step = -(-len(items) // n)
+        return [items[i : i + step] for i in range(0, len(items), step)]
+
     def _spread(
         self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], weight: int
     ) -> list[R]:
-        """``fn`` over ``items`` in one share per core (this thread takes the first), or all
-        here when the work (``weight`` bytes) is too small to be worth a thread hop."""
-        shares = min(self.workers, len(items))
-        if shares < 2 or weight < SPREAD_MIN_BYTES:
-            return fn(items)
-        step = -(-len(items) // shares)
-        parts = [items[i : i + step] for i in range(0, len(items), step)]
+        """``fn`` over ``items`` on all cores, this thread taking the first share. Only for
+        callers outside the pool (a pool task waiting on the pool could deadlock it)."""
+        parts = self._shares(items, weight)
         futures = [self._pool.submit(fn, part) for part in parts[1:]]
         out = fn(parts[0])
         for f in futures:
             out.extend(f.result())
         return out
 
+    def spread_async(
+        self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], weight: int
+    ) -> Future[list[R]]:
+        """``fn`` over ``items`` in the pool, all shares at once; small work runs here and
+        comes back as a finished future. The caller's thread is free meanwhile."""
+        parts = self._shares(items, weight)
+        if len(parts) == 1 and weight < SPREAD_MIN_BYTES:
+            return _done(fn(items))
+        return _gather([self._pool.submit(fn, part) for part in parts])
+
+    def submit(self, fn: Callable[..., R], *args: object, weight: int) -> Future[R]:
+        """One leaf task in the pool (it must not wait on the pool), or here if small."""
+        if weight < SPREAD_MIN_BYTES:
+            return _done(fn(*args))
+        return self._pool.submit(fn, *args)
+
     # -- ingest -----------------------------------------------------------------------------
 
-    def cut_and_hash(self, buf: bytes | bytearray | memoryview, base: int = 0) -> list[Piece]:
-        """Cut ``buf`` into chunks and hash them; offsets are ``base`` + position in buf."""
-        view = memoryview(buf)
-        spans = []
-        pos = 0
-        for length in self.chunker.cut(view):
-            spans.append((pos, length))
-            pos += length
+    def hash_chunks(self, chunks: Sequence[tuple[int, memoryview]]) -> Future[list[Piece]]:
+        """Hash (file offset, bytes) chunks in the pool; all-zero chunks get no digest (they
+        become holes)."""
 
-        def hash_spans(part: Sequence[tuple[int, int]]) -> list[Piece]:
-            out = []
-            for p, n in part:
-                chunk = view[p : p + n]
-                out.append(Piece(base + p, n, None if _is_zero(chunk) else digest_of(chunk)))
-            return out
+        def work(part: Sequence[tuple[int, memoryview]]) -> list[Piece]:
+            return [Piece(off, len(c), None if _is_zero(c) else digest_of(c)) for off, c in part]
 
-        return self._spread(hash_spans, spans, len(view))
+        return self.spread_async(work, chunks, sum(len(c) for _, c in chunks))
 
-    def compress(self, chunks: Sequence[memoryview | bytes]) -> list[bytes]:
-        """``objects`` values for plain chunks, on all cores."""
+    def compress_async(self, chunks: Sequence[memoryview | bytes]) -> Future[list[bytes]]:
+        """``objects`` values for plain chunks, in the pool."""
         encode = self.store.codec.encode
-        return self._spread(lambda part: [encode(c) for c in part], chunks, sum(map(len, chunks)))
+        return self.spread_async(
+            lambda part: [encode(c) for c in part], chunks, sum(map(len, chunks))
+        )
 
     # -- read-back --------------------------------------------------------------------------
 
@@ -101,6 +115,35 @@ class Pipeline:
         return self._spread(
             lambda part: [decode(d, v) for d, v in part], items, sum(len(v) for _, v in items)
         )
+
+
+def _done(value: R) -> Future[R]:
+    f: Future[R] = Future()
+    f.set_result(value)
+    return f
+
+
+def _gather(futures: list[Future[list[R]]]) -> Future[list[R]]:
+    """One future for the concatenated results of ``futures`` (or the first exception)."""
+    out: Future[list[R]] = Future()
+    left = [len(futures)]
+
+    def one_done(_: Future) -> None:
+        left[0] -= 1
+        if left[0]:
+            return
+        try:
+            result: list[R] = []
+            for f in futures:
+                result.extend(f.result())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiter
+            out.set_exception(exc)
+        else:
+            out.set_result(result)
+
+    for f in futures:
+        f.add_done_callback(one_done)
+    return out
 
 
 _ZERO = bytes(1 << 20)

@@ -65,14 +65,27 @@ class StoreStats:
 
 class Tx:
     """A transaction with the store's databases at hand. Valid only inside its ``with`` or
-    ``run_write`` body, and only on the thread that opened it."""
+    ``run_write`` body, and only on the thread that opened it.
 
-    __slots__ = ("txn", "dbs", "write")
+    Counter updates (``add_u64``) are kept as deltas and written to ``meta`` once, just
+    before the outermost commit: four counters per stored chunk would otherwise cost eight
+    LMDB calls each. A child transaction hands its deltas to its parent when it commits and
+    drops them when it aborts, like its other changes."""
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[bytes, object], write: bool) -> None:
+    __slots__ = ("txn", "dbs", "write", "parent", "deltas")
+
+    def __init__(
+        self,
+        txn: lmdb.Transaction,
+        dbs: dict[bytes, object],
+        write: bool,
+        parent: Tx | None = None,
+    ) -> None:
         self.txn = txn
         self.dbs = dbs
         self.write = write
+        self.parent = parent
+        self.deltas: dict[bytes, int] = {}
 
     def get(self, db: bytes, key: bytes) -> bytes | None:
         return self.txn.get(key, db=self.dbs[db])
@@ -92,11 +105,31 @@ class Tx:
 
     def get_u64(self, key: bytes) -> int:
         value = self.get(b"meta", key)
-        return layout.read_u64(value) if value else 0
+        n = layout.read_u64(value) if value else 0
+        tx: Tx | None = self
+        while tx is not None:
+            n += tx.deltas.get(key, 0)
+            tx = tx.parent
+        return n
 
     def add_u64(self, key: bytes, delta: int) -> None:
-        if delta:
-            self.put(b"meta", key, layout.u64(self.get_u64(key) + delta))
+        self.deltas[key] = self.deltas.get(key, 0) + delta
+
+    def commit(self) -> None:
+        """Commit; a child's counter deltas pass to its parent, an outermost one's are
+        written to ``meta`` first."""
+        if self.parent is not None:
+            self.txn.commit()
+            for key, d in self.deltas.items():
+                self.parent.deltas[key] = self.parent.deltas.get(key, 0) + d
+        else:
+            for key, d in self.deltas.items():
+                if d:
+                    value = self.get(b"meta", key)
+                    old = layout.read_u64(value) if value else 0
+                    self.put(b"meta", key, layout.u64(old + d))
+            self.txn.commit()
+        self.deltas = {}
 
     def prefix(self, db: bytes, prefix: bytes, start: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         """(key, value) pairs whose key starts with ``prefix``, from ``prefix + start`` on."""
@@ -192,6 +225,7 @@ class Store:
         self._owner = threading.get_ident()
         self._stack: list[Tx] = []
         self._batch: Tx | None = None
+        self.batch_bytes = 0  # file data applied in the open batch (callers count it)
         with self.read() as tx:
             fmt = tx.get_u64(layout.META_FORMAT)
             stored_uuid = (tx.get(b"meta", layout.META_UUID) or b"").decode()
@@ -251,7 +285,8 @@ class Store:
             finally:
                 os.umask(old_umask)
             try:
-                with env.begin(write=True) as txn:
+                txn = env.begin(write=True)
+                try:
                     dbs = {name: env.open_db(name, txn=txn) for name in layout.DB_NAMES}
                     tx = Tx(txn, dbs, True)
                     tx.put(b"meta", layout.META_FORMAT, layout.u64(layout.FORMAT_VERSION))
@@ -263,6 +298,10 @@ class Store:
                     tx.put(b"meta", layout.META_NEXT_INO, layout.u64(layout.ROOT_INO))
                     if initialize:
                         initialize(tx)
+                    tx.commit()
+                except BaseException:
+                    txn.abort()
+                    raise
                 env.sync(True)
             finally:
                 env.close()
@@ -321,7 +360,7 @@ class Store:
             # Another process grew the map: adopt its size and try again.
             self.env.set_mapsize(0)
             txn = self.env.begin(write=write, parent=parent.txn if parent else None)
-        return Tx(txn, self.dbs, write)
+        return Tx(txn, self.dbs, write, parent)
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -371,7 +410,7 @@ class Store:
                 raise
             self._stack.pop()
             try:
-                tx.txn.commit()
+                tx.commit()
             except lmdb.MapFullError:
                 self._grow(force=True)
                 continue
@@ -387,6 +426,7 @@ class Store:
         durable together by :meth:`commit_batch`. Reads on this thread see the batch."""
         assert self._batch is None and not self._stack
         self._grow_if_needed()
+        self.batch_bytes = 0
         self._batch = self._new_tx(True)
         self._stack.append(self._batch)
 
@@ -398,8 +438,9 @@ class Store:
         self._batch = None
         self._stack.clear()
         try:
-            batch.txn.commit()
+            batch.commit()
         except lmdb.Error as exc:
+            batch.txn.abort()
             raise _lmdb_failure(exc, self.path) from None
 
     def _drop_batch(self) -> None:

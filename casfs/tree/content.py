@@ -1,11 +1,7 @@
-"""File content: extents over chunks, with holes.
+"""File content: extents over chunks, with holes; reading it back.
 
 Every extent covers one whole stored chunk; ranges with no extent are holes and read as zeros.
-A write re-chunks only the region it touches, widened to the extents it overlaps, so the
-bytes newly stored for a 4 KiB overwrite in a 1 GiB file are about one chunk. A write that
-continues the file's last extent re-cuts that extent together with the new bytes: the last
-extent is the only one whose end was forced by the end of the data, so sequential writes give
-exactly the chunks a whole-file cut would (and deduplicate with imported copies).
+Writing is :mod:`casfs.tree.writer`'s job.
 """
 
 from __future__ import annotations
@@ -15,12 +11,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from casfs.store import layout
-from casfs.store.pipeline import Piece, Pipeline
+from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store, Tx
 
-# A write region larger than this is stored in pieces, each in its own pass, so that one
-# call never holds gigabytes in memory (appends keep the canonical chunking, see above).
-MAX_REGION = 32 << 20
 # How far ahead of a sequential reader chunks are decoded in the background.
 READ_AHEAD = 2 << 20
 
@@ -161,45 +154,17 @@ class Content:
         job.remember()
         return data
 
-    # -- write ------------------------------------------------------------------------------
-
-    def write(self, tx: Tx, ino: int, offset: int, data: bytes | bytearray | memoryview) -> int:
-        """Store ``data`` at ``offset`` in one transaction (the caller updates the size). Like
-        every method that changes extents, returns the change in stored (non-hole) bytes."""
-        view = memoryview(data)
-        delta = 0
-        for start in range(0, len(view), MAX_REGION):
-            delta += WriteJob(self, ino, offset + start, view[start : start + MAX_REGION]).run(tx)
-        return delta
-
-    def truncate(self, tx: Tx, ino: int, new_size: int) -> int:
-        """Drop content at and past ``new_size`` (growing needs nothing: the rest is a hole)."""
-        doomed = self.extents(tx, ino, new_size)
-        if not doomed:
-            return 0
-        first = doomed[0]
-        keep = b""
-        if first.offset < new_size:
-            keep = self._chunks(tx, [first])[0][: new_size - first.offset]
-        removed = self._remove(tx, ino, doomed)
-        return (self._store(tx, ino, first.offset, keep) if keep else 0) - removed
+    # -- removing ---------------------------------------------------------------------------
 
     def drop_all(self, tx: Tx, ino: int) -> int:
-        return -self._remove(tx, ino, self.extents(tx, ino))
+        return -self.remove(tx, ino, self.extents(tx, ino))
 
-    def _remove(self, tx: Tx, ino: int, extents: list[Extent]) -> int:
+    def remove(self, tx: Tx, ino: int, extents: list[Extent]) -> int:
+        """Delete extents and drop their chunks' references; returns the bytes removed."""
         for e in extents:
             tx.delete(b"extents", layout.extent_key(ino, e.offset))
             self.store.drop_ref(tx, e.digest)
         return sum(e.length for e in extents)
-
-    def _store(self, tx: Tx, ino: int, base: int, region: bytes | bytearray) -> int:
-        job = WriteJob(self, ino, base, memoryview(region))
-        job.start, job.region, job.old = base, region, []
-        job.pieces = self.pipeline.cut_and_hash(region, base)
-        job.pick(tx)
-        job.compress()
-        return job.store(tx)
 
 
 class ReadJob:
@@ -266,123 +231,3 @@ class ReadJob:
     def remember(self) -> None:
         for d in self.fresh:
             self.content.cache.put(d, self.plain[d])
-
-
-class StaleWrite(Exception):
-    """The extents a write job planned against changed before it was applied."""
-
-
-class WriteJob:
-    """One write of at most MAX_REGION bytes, in stages, so that the CPU work can run on
-    worker threads while the store's thread goes on serving other requests::
-
-        plan(tx)  ->  cut()  ->  pick(tx)  ->  compress()  ->  apply(tx)
-
-    The stages that take ``tx`` read or write LMDB and belong on the store's thread; ``cut``
-    and ``compress`` touch only the job. ``run`` does all five in one transaction.
-    """
-
-    def __init__(self, content: Content, ino: int, offset: int, data: memoryview) -> None:
-        self.content = content
-        self.ino = ino
-        self.offset = offset
-        self.data = data
-        self.start = offset
-        self.old: list[Extent] = []
-        self.old_plain: dict[bytes, bytes] = {}
-        self.old_values: dict[bytes, bytes] = {}
-        self.region: bytes | bytearray = b""
-        self.pieces: list[Piece] = []
-        self.new: list[Piece] = []
-        self.values: dict[bytes, bytes] = {}
-
-    def run(self, tx: Tx) -> int:
-        self.plan(tx)
-        self.cut()
-        self.pick(tx)
-        self.compress()
-        return self.apply(tx)
-
-    def plan(self, tx: Tx) -> None:
-        """Find the extents the write overlaps (and the last one, if the write continues it)
-        and fetch what is needed to rebuild the region around the new bytes."""
-        c = self.content
-        end = self.offset + len(self.data)
-        old = c.extents(tx, self.ino, self.offset, end)
-        tail = c.last_extent(tx, self.ino)
-        if tail is not None and tail.end == self.offset and (not old or old[0] != tail):
-            old.insert(0, tail)  # continue the last chunk: keep sequential writes canonical
-        self.old = old
-        self.start = min([self.offset] + [e.offset for e in old[:1]])
-        for e in old:
-            plain = c.cache.get(e.digest)
-            if plain is not None:
-                self.old_plain[e.digest] = plain
-            elif e.digest not in self.old_values:
-                self.old_values[e.digest] = c.store.load_value(tx, e.digest)
-
-    def cut(self) -> None:
-        """Rebuild the region (old bytes around the new ones), cut and hash it."""
-        c = self.content
-        if self.old_values:
-            decoded = c.pipeline.decode_many(list(self.old_values.items()))
-            self.old_plain.update(zip(self.old_values, decoded, strict=True))
-        end = self.offset + len(self.data)
-        stop = max([end] + [e.end for e in self.old[-1:]])
-        if not self.old and self.start == self.offset:
-            self.region = self.data  # nothing to merge: cut the caller's bytes as they are
-        else:
-            region = bytearray(stop - self.start)
-            for e in self.old:
-                region[e.offset - self.start : e.end - self.start] = self.old_plain[e.digest]
-            region[self.offset - self.start : end - self.start] = self.data
-            self.region = region
-        self.pieces = c.pipeline.cut_and_hash(self.region, self.start)
-
-    def pick(self, tx: Tx) -> None:
-        """Which chunks the store does not hold yet (each once): only those are compressed."""
-        seen: set[bytes] = set()
-        self.new = []
-        for p in self.pieces:
-            if p.digest is not None and p.digest not in seen:
-                seen.add(p.digest)
-                if not self.content.store.has_object(tx, p.digest):
-                    self.new.append(p)
-
-    def compress(self) -> None:
-        view = memoryview(self.region)
-        chunks = [view[p.offset - self.start : p.offset - self.start + p.length] for p in self.new]
-        values = self.content.pipeline.compress(chunks)
-        self.values = {p.digest: v for p, v in zip(self.new, values, strict=True)}
-
-    def apply(self, tx: Tx) -> int:
-        """Replace the planned extents with the new chunks; the change in stored bytes."""
-        c = self.content
-        stop = self.start + len(self.region)
-        if c.extents(tx, self.ino, self.start, stop) != self.old:
-            raise StaleWrite(self.ino)
-        removed = c._remove(tx, self.ino, self.old)  # first: new extents may reuse the keys
-        return self.store(tx) - removed
-
-    def store(self, tx: Tx) -> int:
-        c = self.content
-        stored = 0
-        view = memoryview(self.region)
-        for p in self.pieces:
-            if p.digest is None:
-                continue  # all zeros: leave a hole
-            value = self.values.get(p.digest)
-            if value is None and not c.store.has_object(tx, p.digest):
-                # freed since pick (or earlier in this transaction): encode it now
-                value = c.store.codec.encode(
-                    view[p.offset - self.start : p.offset - self.start + p.length]
-                )
-                self.values[p.digest] = value
-            c.store.add_ref(tx, p.digest, value, p.length)
-            tx.put(
-                b"extents",
-                layout.extent_key(self.ino, p.offset),
-                layout.extent_value(p.digest, p.length),
-            )
-            stored += p.length
-        return stored

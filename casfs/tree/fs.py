@@ -17,15 +17,16 @@ import errno
 import functools
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from typing import Concatenate, ParamSpec, TypeVar
 
 from casfs.errors import FsError
 from casfs.store import layout
 from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store, Tx
-from casfs.tree import directory
-from casfs.tree.content import MAX_REGION, Content, StaleWrite, WriteJob
+from casfs.tree import directory, writer
+from casfs.tree.content import Content
 from casfs.tree.records import NAME_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, Inode
 
 ROOT_INO = layout.ROOT_INO
@@ -34,6 +35,7 @@ RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
+WRITE_COMMIT_BYTES = 64 << 20  # a large write commits (durably) every this many bytes
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -257,7 +259,9 @@ class Filesystem:
             if size < 0:
                 raise FsError(errno.EINVAL, "negative size")
             if size < inode.size:
-                changes["data_bytes"] = inode.data_bytes + self.content.truncate(tx, ino, size)
+                changes["data_bytes"] = inode.data_bytes + writer.truncate(
+                    self.content, tx, ino, size
+                )
             changes["size"] = size
             changes["mtime_ns"] = t
         if mode is not None:
@@ -454,47 +458,68 @@ class Filesystem:
         data: bytes | bytearray | memoryview,
         mtime_ns: int | None = None,
     ) -> int:
-        """Write ``data`` at ``offset`` (past the end leaves a hole). Large writes commit in
-        pieces of at most MAX_REGION bytes, like a real filesystem's, not atomically.
-        ``mtime_ns`` is when the bytes were written, if that was before now (buffered)."""
+        """Write ``data`` at ``offset`` (past the end leaves a hole). A write larger than a
+        group (see :mod:`casfs.tree.writer`) commits group by group, like a real filesystem's,
+        not atomically. ``mtime_ns`` is when the bytes were written, if before now (buffered)."""
+        steps = self.write_steps(ino, offset, data, mtime_ns)
+        if self.store.in_batch:  # the caller commits (the mount's group commit)
+            for future in steps:
+                future.result()
+            return len(data)
+        # One durable commit per WRITE_COMMIT_BYTES, not per group: each costs an fsync.
+        self.store.begin_batch()
+        try:
+            for future in steps:
+                future.result()
+                if self.store.batch_bytes >= WRITE_COMMIT_BYTES:
+                    self.store.commit_batch()
+                    self.store.begin_batch()
+        finally:
+            self.store.commit_batch()
+        return len(data)
+
+    def write_steps(
+        self,
+        ino: int,
+        offset: int,
+        data: bytes | bytearray | memoryview,
+        mtime_ns: int | None = None,
+    ) -> Iterator[Future]:
+        """The write as a generator of futures to wait for, each before the next step: the
+        mount awaits them while it serves other requests."""
         if offset < 0:
             raise FsError(errno.EINVAL, "negative offset")
-        view = memoryview(data)
+        with self.store.read() as tx:
+            self._regular(tx, ino)
+        view = memoryview(data).cast("B")
         if not view:
-            with self.store.read() as tx:
-                self._regular(tx, ino)  # same errors as a write of some bytes
-            return 0
-        for start in range(0, len(view), MAX_REGION):
-            job = self.start_write(ino, offset + start, view[start : start + MAX_REGION])
-            self.store.run_write(lambda tx, job=job: self._apply_write(tx, job, mtime_ns, True))
-        return len(view)
+            return iter(())
+        w = writer.Write(self.content, ino, offset, view)
 
-    def start_write(self, ino: int, offset: int, data: memoryview) -> WriteJob:
-        """A staged write of at most MAX_REGION bytes (see :class:`WriteJob`) for callers that
-        run its CPU stages elsewhere; :meth:`finish_write` applies it."""
-        if offset < 0 or len(data) > MAX_REGION:
-            raise FsError(errno.EINVAL, "bad write range")
-        return WriteJob(self.content, ino, offset, data)
+        def apply_group(group: writer.Group, pieces: list, values: dict) -> None:
+            self.store.run_write(
+                lambda tx: self._apply_group(tx, w, group, pieces, values, mtime_ns)
+            )
 
-    def finish_write(self, job: WriteJob, mtime_ns: int | None = None) -> None:
-        """Apply a planned, cut, picked and compressed job (re-planning it inline if the file's
-        extents changed in between)."""
-        self.store.run_write(lambda tx: self._apply_write(tx, job, mtime_ns, False))
+        return writer.steps(w, self.store.read, apply_group)
 
-    def _apply_write(self, tx: Tx, job: WriteJob, mtime_ns: int | None, inline: bool) -> None:
-        inode = self._regular(tx, job.ino)
-        if inline:
-            delta = job.run(tx)
-        else:
-            try:
-                delta = job.apply(tx)
-            except StaleWrite:
-                delta = job.run(tx)
+    def _apply_group(
+        self,
+        tx: Tx,
+        w: writer.Write,
+        group: writer.Group,
+        pieces: list,
+        values: dict,
+        mtime_ns: int | None,
+    ) -> None:
+        inode = self._regular(tx, w.ino)
+        delta = w.apply(tx, group, pieces, values)
+        self.store.batch_bytes += group.end - group.start
         t = now_ns()
         self._put(
             tx,
             inode.but(
-                size=max(inode.size, job.offset + len(job.data)),
+                size=max(inode.size, min(group.end, w.end)),
                 data_bytes=inode.data_bytes + delta,
                 mtime_ns=mtime_ns or t,
                 ctime_ns=max(inode.ctime_ns, mtime_ns or t),
