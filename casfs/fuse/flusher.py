@@ -1,11 +1,17 @@
 """Moves buffered writes into the store, and makes the store durable.
 
-The store's write transaction is owned by the trio thread: a flush plans on it, awaits the
-CPU stages (cut, hash, compress) running in the pipeline's pool, and applies each group of
-chunks on it (see casfs.tree.writer), so other requests are served meanwhile. A per-inode lock keeps one flush (or truncate, or read)
-of a file at a time; the file's buffered bytes stay visible to ``getattr`` while they are in
-flight. All changes ride in one LMDB batch, committed (durably) on fsync, on the timer, and
-when enough data has gone into it.
+When: a file is stored in the background once FLUSH_AT bytes of it are buffered (the writer
+goes on meanwhile), and in full on fsync, on its last release, before a truncate or an
+explicit mtime, when the mount's buffered total passes --write-buffer, and by a timer for
+writes older than FLUSH_AGE. A writer waits (back-pressure) while its file has
+FILE_PENDING_MAX bytes not yet stored, or the mount its whole write buffer.
+
+How: the store's write transaction is owned by the trio thread. A flush plans on it, awaits
+the CPU stages (cut, hash, compress) running in the pipeline's pool, and applies each group
+of chunks on it (see casfs.tree.writer), so other requests are served meanwhile. A per-inode
+lock keeps one flush (or truncate, or read) of a file at a time; the file's buffered bytes
+stay visible to ``getattr`` while they are in flight. All changes ride in one LMDB batch,
+committed (durably) on fsync, every COMMIT_INTERVAL, and after COMMIT_BYTES of file data.
 """
 
 from __future__ import annotations
