@@ -187,7 +187,7 @@ def test_pipeline_dedups_and_makes_holes(tmp_path):
     with new_store(tmp_path / "s") as s:
         p = Pipeline(s)
         try:
-            block = os.urandom(300_000)
+            block = os.urandom(4 << 20)  # long enough for the two cut chains to meet
             buf = block + bytes(1 << 20) + block
             spans, pos = [], 0
             for n in p.chunker.cut(buf):

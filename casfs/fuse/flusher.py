@@ -194,10 +194,11 @@ class Flusher:
                 return
             await self.flush(ino)
 
-    def commit(self) -> None:
-        """Make everything applied so far durable (one LMDB commit, with its fsync)."""
+    def commit(self, durable: bool = False) -> None:
+        """Commit everything applied so far: safe from a crash of this process at once, and
+        from a power loss once ``durable`` (fsync) asks for the meta page too."""
         try:
-            self.store.commit_batch()
+            self.store.commit_batch(durable)
         finally:
             self.store.begin_batch()
             self._batch_bytes = 0

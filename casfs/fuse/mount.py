@@ -9,12 +9,14 @@ loop the same way.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable
 
 import pyfuse3
 import trio
 
+from casfs.fuse.mountpoint import tune_readahead
 from casfs.fuse.operations import CasfsOperations, MountOptions
 from casfs.store.store import Store
 from casfs.tree.fs import Filesystem
@@ -54,7 +56,7 @@ def serve(
             store.begin_batch()
             if ready:
                 ready()
-            unmount = trio.run(_loop, ops)
+            unmount = trio.run(_loop, ops, mountpoint)
         finally:
             pyfuse3.close(unmount=unmount)
             store.commit_batch()
@@ -64,7 +66,19 @@ def serve(
         store.close()
 
 
-async def _loop(ops: CasfsOperations) -> bool:
+async def _raise_readahead(mountpoint: str) -> None:
+    """Raise the mount's read-ahead once the kernel has our answer to INIT, which caps it at
+    what the kernel offered (so setting it earlier is undone). A stat of the mount returns
+    only after that answer; it runs in a thread because this loop must serve it."""
+    try:
+        await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    except OSError:
+        return
+    if not tune_readahead(mountpoint):
+        log.info("could not raise the mount's read-ahead (not root?); reads stay at 128 KiB")
+
+
+async def _loop(ops: CasfsOperations, mountpoint: str) -> bool:
     """Serve requests; returns True when the loop ended by a signal (we must unmount)."""
     signalled = False
     async with trio.open_nursery() as nursery:
@@ -80,8 +94,9 @@ async def _loop(ops: CasfsOperations) -> bool:
 
         nursery.start_soon(on_signal)
         nursery.start_soon(ops.flusher.run)
+        nursery.start_soon(_raise_readahead, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
     await ops.flusher.flush_all()
-    ops.flusher.commit()
+    ops.flusher.commit(durable=True)
     return signalled

@@ -92,6 +92,42 @@ def check_fuse_available() -> None:
         raise CasfsError("fusermount3 is missing: install the fuse3 package")
 
 
+READ_AHEAD_KB = 1024
+
+
+def tune_readahead(mountpoint: str, kb: int = READ_AHEAD_KB) -> bool:
+    """Raise the kernel's read-ahead window for a FUSE mount (its bdi's ``read_ahead_kb``,
+    128 KiB by default), so sequential reads arrive as 1 MiB requests (the most FUSE sends)
+    instead of 128 KiB ones: an eighth of the per-request cost. Needs root; best effort.
+
+    The device number comes from /proc/self/mountinfo, not from ``stat``: the daemon calls
+    this before its request loop runs, and a stat of its own mount would wait forever for
+    the answer to FUSE's INIT request."""
+    device = _mount_device(os.path.abspath(mountpoint))  # realpath would stat the mount
+    if device is None:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w", encoding="ascii") as f:
+            f.write(str(kb))
+        return True
+    except OSError:
+        return False
+
+
+def _mount_device(target: str) -> str | None:
+    """``major:minor`` of the topmost mount at ``target``, from /proc/self/mountinfo."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 4 and _unescape(parts[4]) == target:
+                    found = parts[2]
+    except OSError:
+        return None
+    return found
+
+
 def fusermount_unmount(target: str, lazy: bool = False) -> None:
     """Unmount with fusermount3 (or umount(8) when only that exists)."""
     tool = shutil.which("fusermount3")

@@ -103,18 +103,20 @@ class CasfsOperations(pyfuse3.Operations):
         a.st_uid = inode.uid
         a.st_gid = inode.gid
         a.st_rdev = inode.rdev
-        size, data, mtime = inode.size, inode.data_bytes, inode.mtime_ns
+        size, data, mtime, ctime = inode.size, inode.data_bytes, inode.mtime_ns, inode.ctime_ns
         for dirty in (self.flusher.flushing.get(inode.ino), self.buffers.get(inode.ino)):
             if dirty is not None:
                 size = max(size, dirty.end)
                 data += dirty.nbytes
-                mtime = max(mtime, dirty.mtime_ns)
+                # bytes still buffered were written after any stored change of the times
+                mtime = dirty.mtime_ns
+                ctime = max(ctime, mtime)
         a.st_size = size
         a.st_blksize = BLKSIZE
         a.st_blocks = (min(data, size) + 511) // 512
         a.st_atime_ns = inode.atime_ns
         a.st_mtime_ns = mtime
-        a.st_ctime_ns = max(inode.ctime_ns, mtime)
+        a.st_ctime_ns = ctime
         return a
 
     def _known(self, inode: Inode) -> pyfuse3.EntryAttributes:
@@ -191,9 +193,13 @@ class CasfsOperations(pyfuse3.Operations):
         if fields.update_mtime:
             changes["mtime_ns"] = attr.st_mtime_ns
         if fields.update_size:
+            changes["size"] = attr.st_size
+        if fields.update_size or fields.update_mtime:
+            # Store buffered writes first: a truncate must apply after them, and their flush
+            # would otherwise overwrite an explicit mtime (utime after write: cp -p, tar).
             async with self.locks(inode):
-                await self.flusher.flush_locked(inode)  # truncate after what was written
-                return self.entry(self.fs.setattr(inode, size=attr.st_size, **changes))
+                await self.flusher.flush_locked(inode)
+                return self.entry(self.fs.setattr(inode, **changes))
         return self.entry(self.fs.setattr(inode, **changes))
 
     @fuse_errors
@@ -269,6 +275,12 @@ class CasfsOperations(pyfuse3.Operations):
         node = self.fs.getattr(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC and node.is_reg:
+            # libfuse asks for atomic_o_trunc: the kernel leaves the truncation to us. Bytes
+            # written before this open (still buffered, maybe by another handle) go too.
+            async with self.locks(inode):
+                await self.flusher.flush_locked(inode)
+                self.fs.setattr(inode, size=0)
         # The page cache stays valid across opens: every change goes through this mount.
         return pyfuse3.FileInfo(fh=self._new_fh(inode), keep_cache=True)
 
@@ -306,14 +318,13 @@ class CasfsOperations(pyfuse3.Operations):
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         ino = self._ino(fh)
+        self._raise_flush_error(ino)
+        await self.flusher.make_room(ino, off, len(buf))
         dirty = self.buffers.get(ino)
         if dirty is not None and not dirty.can_take(off, len(buf)):
-            await self.flusher.flush(ino)
-        self._raise_flush_error(ino)
-        async with self.locks(ino):  # wait for a flush of this file in progress
-            self.buffers.add(ino, off, buf)
-        if self.buffers.over_limit:
-            await self.flusher.relieve_pressure()
+            await self.flusher.flush(ino)  # changed while we waited for room
+        self.buffers.add(ino, off, buf)
+        self.flusher.written(ino)
         return len(buf)
 
     @fuse_errors
@@ -335,7 +346,7 @@ class CasfsOperations(pyfuse3.Operations):
         ino = self._ino(fh)
         await self.flusher.flush(ino)
         self._raise_flush_error(ino)
-        self.flusher.commit()
+        self.flusher.commit(durable=True)
 
     # -- directories ------------------------------------------------------------------------
 
@@ -370,7 +381,7 @@ class CasfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.flusher.commit()
+        self.flusher.commit(durable=True)
 
     # -- extended attributes ----------------------------------------------------------------
 

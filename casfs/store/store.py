@@ -215,7 +215,8 @@ class Store:
                 max_dbs=len(layout.DB_NAMES) + 4,
                 readonly=not writer,
                 create=False,
-                readahead=False,
+                readahead=True,  # chunk values span whole pages: read them in big I/Os
+                metasync=False,  # one fdatasync per commit; see sync() for durability
                 max_readers=256,
             )
             self.dbs = {name: self.env.open_db(name, create=False) for name in layout.DB_NAMES}
@@ -411,6 +412,8 @@ class Store:
             self._stack.pop()
             try:
                 tx.commit()
+                if self._batch is None:
+                    self.sync()  # a transaction of its own is durable when run_write returns
             except lmdb.MapFullError:
                 self._grow(force=True)
                 continue
@@ -430,15 +433,21 @@ class Store:
         self._batch = self._new_tx(True)
         self._stack.append(self._batch)
 
-    def commit_batch(self) -> None:
-        """Commit (durably) the open batch, if any."""
+    def commit_batch(self, durable: bool = True) -> None:
+        """Commit the open batch, if any. The data pages are always flushed to disk;
+        ``durable`` also flushes the meta page that makes the commit survive a power loss
+        (a process crash never loses a commit)."""
         batch = self._batch
         if batch is None:
+            if durable:
+                self.sync()
             return
         self._batch = None
         self._stack.clear()
         try:
             batch.commit()
+            if durable:
+                self.sync()
         except lmdb.Error as exc:
             batch.txn.abort()
             raise _lmdb_failure(exc, self.path) from None
@@ -471,9 +480,14 @@ class Store:
             self.begin_batch()
 
     def sync(self) -> None:
-        """Flush the data file to disk (commits are durable already; this covers a batch
-        committed with ``sync=False`` by callers that tune it)."""
-        self.env.sync(True)
+        """Flush the data file, meta page included, to disk. The environment is opened with
+        ``metasync=False``: each commit flushes its data pages, and the meta page only when
+        durability is asked for, saving one fdatasync per group commit. LMDB keeps its
+        integrity either way; a power loss may only undo commits not made durable."""
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise _lmdb_failure(exc, self.path) from None
 
     # -- objects and refcounts --------------------------------------------------------------
 

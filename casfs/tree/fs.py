@@ -472,7 +472,7 @@ class Filesystem:
             for future in steps:
                 future.result()
                 if self.store.batch_bytes >= WRITE_COMMIT_BYTES:
-                    self.store.commit_batch()
+                    self.store.commit_batch(durable=False)
                     self.store.begin_batch()
         finally:
             self.store.commit_batch()
