@@ -530,10 +530,20 @@ class Filesystem:
 
     @_reads
     def getxattr(self, tx: Tx, ino: int, name: bytes) -> bytes:
-        self._get(tx, ino)
-        value = tx.get(b"xattrs", layout.xattr_key(ino, name))
+        value = self._xattr(tx, ino, name)
         if value is None:
             raise FsError(errno.ENODATA, repr(name))
+        return value
+
+    @_reads
+    def xattr(self, tx: Tx, ino: int, name: bytes) -> bytes | None:
+        """An extended attribute's value, or None when it is not set (ENOENT if no inode)."""
+        return self._xattr(tx, ino, name)
+
+    def _xattr(self, tx: Tx, ino: int, name: bytes) -> bytes | None:
+        value = tx.get(b"xattrs", layout.xattr_key(ino, name))
+        if value is None and tx.get(b"inodes", layout.ino_key(ino)) is None:
+            raise FsError(errno.ENOENT, f"inode {ino}")
         return value
 
     @_reads
