@@ -95,12 +95,15 @@ def fsck(args: argparse.Namespace) -> int:
                     "extents": report.extents,
                     "verified_bytes": report.verified_bytes,
                     "problems": [{"kind": p.kind, "message": p.message} for p in report.problems],
+                    "notes": [{"kind": p.kind, "message": p.message} for p in report.notes],
                 }
             )
         )
     else:
         for p in report.problems:
             print(f"{p.kind}: {p.message}")
+        for p in report.notes:
+            print(f"note: {p.kind}: {p.message}")
         verified = f", {human_bytes(report.verified_bytes)} verified" if args.verify_data else ""
         state = "clean" if report.clean else f"{len(report.problems)} problem(s)"
         counts = f"{report.inodes:,} inodes, {report.objects:,} objects, {report.extents:,} extents"

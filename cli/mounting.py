@@ -7,7 +7,8 @@ exists in the parent before the fork.
 
 ``umount`` unmounts with fusermount3 (so a busy mount is refused, not detached), then waits
 for the daemon to flush, commit and exit: when it returns, the store is consistent on disk.
-For a stale mount (the daemon was killed) it only unmounts.
+For a stale mount (the daemon was killed) it only unmounts, lazily: there is nothing to
+flush, and processes that still hold files there (getting ENOTCONN) must not block it.
 """
 
 from __future__ import annotations
@@ -87,7 +88,9 @@ def mount(args: argparse.Namespace) -> int:
     message = _read_report(rfd, pid)
     if message != "ready":
         raise CasfsError(message)
-    print(f"mounted {store} at {mountpoint} (daemon PID {pid}, log {os.path.join(store, LOG_FILE)})")
+    print(
+        f"mounted {store} at {mountpoint} (daemon PID {pid}, log {os.path.join(store, LOG_FILE)})"
+    )
     return 0
 
 
@@ -150,7 +153,7 @@ def umount(args: argparse.Namespace) -> int:
         raise CasfsError(f"{args.mountpoint} is not a casfs mount")
     stale = is_stale(entry.target)
     pid = WriterLock.holder(os.path.join(entry.source, layout.LOCK_FILE))
-    fusermount_unmount(entry.target, lazy=args.lazy)
+    fusermount_unmount(entry.target, lazy=args.lazy or stale)
     if pid and not stale:
         _wait_for_exit(pid)
     return 0
@@ -166,7 +169,9 @@ def _wait_for_exit(pid: int) -> None:
         if _is_zombie(pid):
             return
         time.sleep(0.05)
-    raise CasfsError(f"unmounted, but the daemon (PID {pid}) is still flushing after {EXIT_TIMEOUT:.0f} s")
+    raise CasfsError(
+        f"unmounted, but the daemon (PID {pid}) is still flushing after {EXIT_TIMEOUT:.0f} s"
+    )
 
 
 def _is_zombie(pid: int) -> bool:

@@ -61,9 +61,11 @@ def casfs_mount_of_store(store_path: str) -> MountEntry | None:
 
 
 def is_stale(target: str) -> bool:
-    """A FUSE mount whose daemon is gone answers ENOTCONN."""
+    """A FUSE mount whose daemon is gone answers ENOTCONN. Asked with statvfs, which always
+    reaches the daemon: a stat is answered from the kernel's attribute cache for a while
+    after the daemon died."""
     try:
-        os.stat(target)
+        os.statvfs(target)
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False

@@ -2,7 +2,9 @@
 
 Runs in one read transaction, so it sees a single committed state even while a mount writes.
 Each problem is reported with a kind (``leak``, ``dangling``, ``refcount``, ``nlink``,
-``orphan``, ``corrupt``, ``stats``, ``structure``) and a one-line message.
+``corrupt``, ``stats``, ``structure``) and a one-line message. Orphans (unlinked inodes a
+mount still held, or held when it crashed) are not problems: they are the state a crash
+leaves by design, freed at the next mount. They are reported as notes.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Problem:
 @dataclass
 class FsckReport:
     problems: list[Problem] = field(default_factory=list)
+    notes: list[Problem] = field(default_factory=list)
     inodes: int = 0
     objects: int = 0
     extents: int = 0
@@ -40,6 +43,9 @@ class FsckReport:
 
     def add(self, kind: str, message: str) -> None:
         self.problems.append(Problem(kind, message))
+
+    def note(self, kind: str, message: str) -> None:
+        self.notes.append(Problem(kind, message))
 
 
 def fsck(
@@ -124,7 +130,9 @@ def _check_namespace(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> di
                     "nlink", f"inode {ino} ({paths[ino]!r}) has nlink {inode.nlink}, counted {want}"
                 )
         elif inode.nlink == 0 and ino in orphans:
-            report.add("orphan", f"inode {ino} is unlinked and not yet freed (freed at next mount)")
+            report.note(
+                "orphan", f"inode {ino} is unlinked and not yet freed (freed at next mount)"
+            )
         else:
             report.add("leak", f"inode {ino} (nlink {inode.nlink}) is not reachable from the root")
     for ino in orphans - inodes.keys():
