@@ -158,7 +158,9 @@ class CasfsOperations(pyfuse3.Operations):
     # -- lookups and attributes -------------------------------------------------------------
 
     @fuse_errors
-    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._known(self.fs.lookup(parent_inode, name))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -399,10 +401,11 @@ class CasfsOperations(pyfuse3.Operations):
         return self.fs.listxattr(inode)
 
     @fuse_errors
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         self.fs.setxattr(inode, name, value)
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.fs.removexattr(inode, name)
-
