@@ -11,6 +11,7 @@ fails the run loudly if any casfs mount made by this session is still in /proc/m
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from casfs.fuse.mountpoint import mounts
 from casfs.store.store import Store
 from casfs.tree.fs import Filesystem
 from casfs.tree.fsck import fsck
@@ -76,28 +78,27 @@ def casfs_cli(
     )
 
 
-def _unescape(field: str) -> str:
-    """/proc/mounts writes space, tab, newline and backslash as three octal digits."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def fuse_mounts() -> list[tuple[str, str, str]]:
     """(source, target, fstype) of every FUSE mount in /proc/mounts."""
-    found = []
-    with open("/proc/mounts", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[2].startswith("fuse"):
-                found.append((_unescape(parts[0]), _unescape(parts[1]), parts[2]))
-    return found
+    return [(m.source, m.target, m.fstype) for m in mounts() if m.fstype.startswith("fuse")]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.renameat2.argtypes = [
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_uint,
+]
+AT_FDCWD = -100
+
+
+def renameat2(old: os.PathLike | str | bytes, new: os.PathLike | str | bytes, flags: int) -> None:
+    """rename(2) with flags (RENAME_NOREPLACE, RENAME_EXCHANGE), which os.rename lacks."""
+    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), os.fsdecode(old))
 
 
 def is_mounted(target: str | os.PathLike) -> bool:

@@ -9,7 +9,6 @@ following one is ENOENT on both sides.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import random
@@ -17,6 +16,7 @@ import shutil
 import stat
 import tempfile
 
+from conftest import renameat2
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -38,23 +38,7 @@ XATTR_NAMES = [b"user.x", b"user.y", b"user.z"]
 DANGLING = b"/nonexistent-casfs-target/nowhere"
 IS_ROOT = os.geteuid() == 0
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_uint,
-]
-AT_FDCWD = -100
-
 Path = tuple[bytes, ...]
-
-
-def renameat2(src: bytes, dst: bytes, flags: int) -> None:
-    if _libc.renameat2(AT_FDCWD, src, AT_FDCWD, dst, flags) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code))
 
 
 def current_umask() -> int:

@@ -4,7 +4,6 @@ Each test ends with ``casfs umount`` and a clean ``casfs fsck``."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import json
@@ -26,6 +25,7 @@ from conftest import (
     casfs_cli,
     errno_of,
     is_mounted,
+    renameat2,
     tree_digest,
     wait_gone,
 )
@@ -35,24 +35,8 @@ NOBODY = 65534
 # The test user must be able to run it: the venv's interpreter lives under /root.
 SYSTEM_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
 
-AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.renameat2.argtypes = [
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_int,
-    ctypes.c_char_p,
-    ctypes.c_uint,
-]
-
-
-def renameat2(old: os.PathLike | str, new: os.PathLike | str, flags: int) -> None:
-    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), str(old))
 
 
 def write_file(path: os.PathLike | str | bytes, data: bytes, mode: int = 0o644) -> None:
