@@ -99,10 +99,6 @@ class WriteBuffers:
             self.total -= dirty.nbytes
         return dirty
 
-    @property
-    def over_limit(self) -> bool:
-        return self.total > self.limit_bytes
-
     def largest(self) -> int | None:
         if not self.files:
             return None

@@ -93,10 +93,6 @@ class Tx:
     def put(self, db: bytes, key: bytes, value: bytes) -> None:
         self.txn.put(key, value, db=self.dbs[db])
 
-    def insert(self, db: bytes, key: bytes, value: bytes) -> bool:
-        """Put unless the key exists; True when it was put."""
-        return self.txn.put(key, value, db=self.dbs[db], overwrite=False)
-
     def delete(self, db: bytes, key: bytes) -> bool:
         return self.txn.delete(key, db=self.dbs[db])
 
@@ -340,11 +336,6 @@ class Store:
             env.close()
             self.env = None
         self._release_lock()
-
-    def record_owner_pid(self) -> None:
-        """After a daemonizing fork: the lock file names the process that now holds it."""
-        if self._lock:
-            self._lock.record_pid()
 
     def __enter__(self) -> Store:
         return self
