@@ -90,16 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(text: str) -> str:
+    """A message fit for one terminal line: control characters escaped (a path may hold a
+    newline) and bytes that were not UTF-8 in a path shown as \\xNN."""
+    out = []
+    for c in text:
+        if 0xDC80 <= ord(c) <= 0xDCFF:  # os.fsdecode's stand-in for an undecodable byte
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(repr(c)[1:-1])
+    return "".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except CasfsError as exc:
-        print(f"casfs {args.command}: {exc}", file=sys.stderr)
+        print(f"casfs {args.command}: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"casfs {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(one_line(f"casfs {args.command}: {exc.strerror or exc}{where}"), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"casfs {args.command}: interrupted", file=sys.stderr)

@@ -121,3 +121,9 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for command in ("init", "stats", "fsck", "demo"):
         assert command in r.stdout
+
+
+def test_error_for_a_path_with_newline_and_non_utf8_bytes_is_one_line(tmp_path):
+    bad = os.fsdecode(bytes(tmp_path) + b"/\xff\nstore")
+    r = casfs("fsck", bad)
+    assert_one_line_error(r, "\\xff\\nstore does not exist")
