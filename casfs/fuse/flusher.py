@@ -115,6 +115,7 @@ class Flusher:
         self._batch_bytes = 0
         self._last_commit = time.monotonic()
         self._nursery: trio.Nursery | None = None
+        self._scheduled: set[int] = set()  # inodes with a background flush on its way
 
     def pending(self, ino: int) -> int:
         """Bytes of ``ino`` written but not yet stored (buffered or in flight)."""
@@ -151,11 +152,18 @@ class Flusher:
         FLUSH_AT bytes waiting, so the pipeline works while the writer goes on."""
         dirty = self.buffers.get(ino)
         if dirty is not None and dirty.nbytes >= FLUSH_AT and ino not in self.flushing:
-            if self._nursery is not None:
-                self._nursery.start_soon(self._background_flush, ino)
+            self.flush_soon(ino)
+
+    def flush_soon(self, ino: int) -> None:
+        """Store ``ino``'s buffered writes from a background task (once per file at a time):
+        the request that asked returns at once, and the work fills the loop's idle time."""
+        if ino in self.buffers.files and ino not in self._scheduled and self._nursery is not None:
+            self._scheduled.add(ino)
+            self._nursery.start_soon(self._background_flush, ino)
 
     async def _background_flush(self, ino: int) -> None:
         try:
+            self._scheduled.discard(ino)
             await self.flush(ino)
         except Exception:  # a bug here must not end the mount
             log.exception("background flush of inode %d failed", ino)
@@ -172,6 +180,12 @@ class Flusher:
             await self.flush_locked(ino)
 
     async def flush_locked(self, ino: int) -> None:
+        # Shielded: once the bytes leave the buffer they must reach the store. Only the
+        # mount's shutdown cancels tasks, and it then waits for this flush to finish.
+        with trio.CancelScope(shield=True):
+            await self._flush_locked(ino)
+
+    async def _flush_locked(self, ino: int) -> None:
         dirty = self.buffers.take(ino)
         if dirty is None:
             return
@@ -184,8 +198,11 @@ class Flusher:
                     await wait_future(future)
                 self._batch_bytes += len(data)
         except CasfsError as exc:
-            self.errors[ino] = exc.errno
-            log.error("flushing inode %d failed: %s", ino, exc)
+            if exc.errno == errno.ENOENT:  # deleted and freed meanwhile: nothing to store
+                log.debug("inode %d went away before its flush", ino)
+            else:
+                self.errors[ino] = exc.errno
+                log.error("flushing inode %d failed: %s", ino, exc)
         finally:
             del self.flushing[ino]
         if self._batch_bytes >= COMMIT_BYTES:

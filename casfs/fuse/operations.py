@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from casfs.errors import CasfsError, CorruptObject
-from casfs.fuse.flusher import INLINE_BYTES, Flusher, InodeLocks
+from casfs.fuse.flusher import FLUSH_AT, INLINE_BYTES, Flusher, InodeLocks
 from casfs.fuse.pins import Pins
 from casfs.fuse.writeback import WriteBuffers
 from casfs.store.store import Store
@@ -339,7 +339,10 @@ class CasfsOperations(pyfuse3.Operations):
         if ino is None:
             return
         if self._nlink(ino) > 0:
-            await self.flusher.flush(ino)
+            if self.flusher.pending(ino) >= FLUSH_AT:
+                await self.flusher.flush(ino)
+            else:  # small: store it between requests (the kernel does not wait for release)
+                self.flusher.flush_soon(ino)
         if self.pins.closed(ino):
             self._unpinned(ino)
 
