@@ -279,9 +279,10 @@ class CasfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_TRUNC and node.is_reg:
             # libfuse asks for atomic_o_trunc: the kernel leaves the truncation to us. Bytes
-            # written before this open (still buffered, maybe by another handle) go too.
+            # written before this open (still buffered, maybe by another handle) go too:
+            # drop them rather than store what is cut off at once.
             async with self.locks(inode):
-                await self.flusher.flush_locked(inode)
+                self.flusher.drop(inode)
                 self.fs.setattr(inode, size=0)
         # The page cache stays valid across opens: every change goes through this mount.
         return pyfuse3.FileInfo(fh=self._new_fh(inode), keep_cache=True)
