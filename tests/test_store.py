@@ -305,3 +305,27 @@ def test_full_disk_is_enospc_and_store_survives(small_disk):
         s.close()
     with Store(str(small_disk / "s")) as s2:  # and the store reopens
         assert fsck(s2).clean
+
+
+def test_map_grows_inside_a_long_batch_without_losing_it(tmp_path, monkeypatch):
+    """A group commit larger than the map's headroom: the batch is committed and the map
+    grown before it fills, never lost (as it was when growth waited for MapFull)."""
+    monkeypatch.setattr(store_module, "INITIAL_MAP_SIZE", 1 << 20)
+    s = Filesystem.create_store(str(tmp_path / "s"), chunk_avg=16 << 10)
+    fs = Filesystem(s)
+    try:
+        s.begin_batch()
+        files = {}
+        for i in range(1500):
+            name = f"f{i}".encode()
+            data = os.urandom(100 + i % 2900)
+            fs.write(fs.create(ROOT_INO, name, 0o644, 0, 0).ino, 0, data)
+            files[name] = data
+        s.commit_batch()
+        assert s.env.info()["map_size"] > 1 << 20
+        for name, data in files.items():
+            assert fs.read(fs.lookup(ROOT_INO, name).ino, 0, len(data) + 1) == data
+        assert fsck(s).clean
+    finally:
+        fs.close()
+        s.close()

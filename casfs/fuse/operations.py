@@ -323,8 +323,7 @@ class CasfsOperations(pyfuse3.Operations):
         ino = self._ino(fh)
         self._raise_flush_error(ino)
         await self.flusher.make_room(ino, off, len(buf))
-        dirty = self.buffers.get(ino)
-        if dirty is not None and not dirty.can_take(off, len(buf)):
+        while (dirty := self.buffers.get(ino)) is not None and not dirty.can_take(off, len(buf)):
             await self.flusher.flush(ino)  # changed while we waited for room
         self.buffers.add(ino, off, buf)
         self.flusher.written(ino)

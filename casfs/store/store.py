@@ -41,6 +41,7 @@ INITIAL_MAP_SIZE = 1 << 30
 # Grow the map before a write transaction once the data file uses more than this share of it,
 # so a batch of writes rarely meets MapFullError (which costs an abort and a retry).
 GROW_AT = 0.7
+GROW_SLACK = 4 << 20  # room kept for LMDB's own pages (freelist, branch pages) at commit
 DEFAULT_ZSTD_LEVEL = 3
 # A commit that fails while the disk has less free space than this is reported as ENOSPC.
 NEARLY_FULL_BYTES = 64 << 20
@@ -72,7 +73,7 @@ class Tx:
     LMDB calls each. A child transaction hands its deltas to its parent when it commits and
     drops them when it aborts, like its other changes."""
 
-    __slots__ = ("txn", "dbs", "write", "parent", "deltas")
+    __slots__ = ("txn", "dbs", "write", "parent", "deltas", "written")
 
     def __init__(
         self,
@@ -86,12 +87,14 @@ class Tx:
         self.write = write
         self.parent = parent
         self.deltas: dict[bytes, int] = {}
+        self.written = 0  # bytes put (keys and values): what the commit will need in the map
 
     def get(self, db: bytes, key: bytes) -> bytes | None:
         return self.txn.get(key, db=self.dbs[db])
 
     def put(self, db: bytes, key: bytes, value: bytes) -> None:
         self.txn.put(key, value, db=self.dbs[db])
+        self.written += len(key) + len(value)
 
     def delete(self, db: bytes, key: bytes) -> bool:
         return self.txn.delete(key, db=self.dbs[db])
@@ -118,12 +121,17 @@ class Tx:
             self.txn.commit()
             for key, d in self.deltas.items():
                 self.parent.deltas[key] = self.parent.deltas.get(key, 0) + d
+            self.parent.written += self.written
         else:
-            for key, d in self.deltas.items():
-                if d:
-                    value = self.get(b"meta", key)
-                    old = layout.read_u64(value) if value else 0
-                    self.put(b"meta", key, layout.u64(old + d))
+            try:
+                for key, d in self.deltas.items():
+                    if d:
+                        value = self.get(b"meta", key)
+                        old = layout.read_u64(value) if value else 0
+                        self.put(b"meta", key, layout.u64(old + d))
+            except BaseException:
+                self.txn.abort()  # a failed commit must not leave the write lock taken
+                raise
             self.txn.commit()
         self.deltas = {}
 
@@ -454,21 +462,30 @@ class Store:
         return self._batch is not None
 
     def _grow_if_needed(self) -> None:
+        """Grow the map before a transaction could fill it. The committed pages are LMDB's
+        count; an open batch's are not, so what it has put (twice, for copy-on-write pages
+        and page slack) is added: a batch must be committed while the map still has room
+        for the commit itself, or all of it would be lost."""
         info = self.env.info()
         used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
+        if self._batch is not None:
+            used += 2 * self._batch.written + GROW_SLACK
         if used > info["map_size"] * GROW_AT:
             self._grow()
 
     def _grow(self, force: bool = False) -> None:
         """Double the map. Needs no transaction open in this process: an open batch is
-        committed first (its changes are whole operations, so that is safe)."""
+        committed first (its changes are whole operations, so that is safe), and a new one
+        begun even if that commit failed."""
         reopen = self._batch is not None
-        if reopen:
-            self.commit_batch()
-        size = self.env.info()["map_size"]
-        self.env.set_mapsize(size * 2)
-        if reopen:
-            self.begin_batch()
+        try:
+            if reopen:
+                self.commit_batch(durable=False)
+            size = self.env.info()["map_size"]
+            self.env.set_mapsize(size * 2)
+        finally:
+            if reopen and self._batch is None:
+                self.begin_batch()
 
     def sync(self) -> None:
         """Flush the data file, meta page included, to disk. The environment is opened with

@@ -500,6 +500,7 @@ class Filesystem:
             self.store.run_write(
                 lambda tx: self._apply_group(tx, w, group, pieces, values, mtime_ns)
             )
+            self.store.batch_bytes += group.end - group.start  # once, even if run_write retried
 
         return writer.steps(w, self.store.read, apply_group)
 
@@ -514,7 +515,6 @@ class Filesystem:
     ) -> None:
         inode = self._regular(tx, w.ino)
         delta = w.apply(tx, group, pieces, values)
-        self.store.batch_bytes += group.end - group.start
         t = now_ns()
         self._put(
             tx,
