@@ -321,26 +321,20 @@ class Twin:
             self.both_fd("fsync", os.fsync, h)
         self.check_handle(h)
 
-    def op_rename(self) -> None:
-        src = self.pick(existing=0.9, descend=self.rng.choice([0.3, 0.7]))
-        dst = self.pick(existing=0.5, descend=self.rng.choice([0.3, 0.7]))
+    def _two_paths(self, name: str, call, src: bytes, dst: bytes) -> None:
+        """``call(src, dst)`` on both trees, then compare what it touched."""
         self.both(
-            "rename",
-            lambda root, s, d: os.rename(os.path.join(root, s), os.path.join(root, d)),
-            src,
-            dst,
+            name, lambda root, s, d: call(os.path.join(root, s), os.path.join(root, d)), src, dst
         )
         self.check_paths(src, dst)
 
+    def op_rename(self) -> None:
+        src = self.pick(existing=0.9, descend=self.rng.choice([0.3, 0.7]))
+        dst = self.pick(existing=0.5, descend=self.rng.choice([0.3, 0.7]))
+        self._two_paths("rename", os.rename, src, dst)
+
     def op_link(self) -> None:
-        src, dst = self.pick(existing=0.9), self.pick(existing=0.3)
-        self.both(
-            "link",
-            lambda root, s, d: os.link(os.path.join(root, s), os.path.join(root, d)),
-            src,
-            dst,
-        )
-        self.check_paths(src, dst)
+        self._two_paths("link", os.link, self.pick(existing=0.9), self.pick(existing=0.3))
 
     def op_symlink(self) -> None:
         rel = self.pick(existing=0.3)

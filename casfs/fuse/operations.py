@@ -38,7 +38,16 @@ ATTR_TIMEOUT = 5.0
 ENTRY_TIMEOUT = 5.0
 BLKSIZE = 128 << 10
 READDIR_BATCH = 256
-DOT_COOKIES = 2  # readdir offsets 1 and 2 are "." and ".."; entry cookie c is offset c + 2
+DOT_COOKIES = 2
+# (SetattrFields flag, EntryAttributes field, Filesystem.setattr keyword)
+SETATTR_FIELDS = (
+    ("update_mode", "st_mode", "mode"),
+    ("update_uid", "st_uid", "uid"),
+    ("update_gid", "st_gid", "gid"),
+    ("update_atime", "st_atime_ns", "atime_ns"),
+    ("update_mtime", "st_mtime_ns", "mtime_ns"),
+    ("update_size", "st_size", "size"),
+)  # readdir offsets 1 and 2 are "." and ".."; entry cookie c is offset c + 2
 
 
 @dataclass(frozen=True)
@@ -183,19 +192,9 @@ class CasfsOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        changes: dict[str, int] = {}
-        if fields.update_mode:
-            changes["mode"] = attr.st_mode
-        if fields.update_uid:
-            changes["uid"] = attr.st_uid
-        if fields.update_gid:
-            changes["gid"] = attr.st_gid
-        if fields.update_atime:
-            changes["atime_ns"] = attr.st_atime_ns
-        if fields.update_mtime:
-            changes["mtime_ns"] = attr.st_mtime_ns
-        if fields.update_size:
-            changes["size"] = attr.st_size
+        changes = {
+            key: getattr(attr, name) for flag, name, key in SETATTR_FIELDS if getattr(fields, flag)
+        }
         if fields.update_size or fields.update_mtime:
             # Store buffered writes first: a truncate must apply after them, and their flush
             # would otherwise overwrite an explicit mtime (utime after write: cp -p, tar).
