@@ -35,17 +35,33 @@ extents       ino u64 + file offset u64     digest (32) + length u32. Missing ra
 xattrs        ino u64 + name                value
 orphans       ino u64                       empty. Inodes with nlink == 0 kept alive by a
                                             holder (open file, kernel lookup); freed at mount.
+links         ino u64 + parent u64          u32 count of the names ``ino`` has in ``parent``.
+                                            Only for non-directories with nlink >= 2; with one
+                                            link the inode's ``parent`` field says where it is.
+treecache     ino u64                       digest (32) + files u64 + dirs u64 + bytes u64: the
+                                            live directory's tree object (totals recursive), or
+                                            a large file's manifest. Holds one reference. A row
+                                            exists only if every row below it does (a change
+                                            deletes the rows on its path up to the root).
+snapshots     name                          packed :class:`casfs.tree.snapshots.Snapshot`: id,
+                                            creation time, root tree digest, root attributes,
+                                            totals. Holds one reference to the root tree.
+pins          digest                        u64 count: references held for the kernel on the
+                                            content of deleted snapshots' files still open or
+                                            known; all dropped at the next mount.
 ============  ============================  =====================================================
 
-Refcount of a chunk = number of extents (and, later, manifests) naming it. It changes in the
-same transaction as the references it counts.
+Objects are chunks (file bytes), tree objects (one directory of a snapshot) and manifests
+(a large file's chunk list); see :mod:`casfs.tree.merkle`. The refcount of an object is the
+number of extents, tree objects, manifests, ``treecache`` rows, snapshot roots and pins that
+name it; it changes in the same transaction as the references it counts.
 """
 
 from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER_FILE = "casfs-store.json"
 LOCK_FILE = "casfs.lock"
 
@@ -62,6 +78,10 @@ DB_NAMES = (
     b"extents",
     b"xattrs",
     b"orphans",
+    b"links",
+    b"treecache",
+    b"snapshots",
+    b"pins",
 )
 
 # meta keys
@@ -72,6 +92,7 @@ META_CHUNK_MIN = b"chunk_min"
 META_CHUNK_AVG = b"chunk_avg"
 META_CHUNK_MAX = b"chunk_max"
 META_ZSTD_LEVEL = b"zstd_level"
+META_NEXT_SNAPSHOT = b"next_snapshot"  # snapshot ids are never reused (inode numbers)
 # Statistics counters, kept exact in the same transaction as the change they count, so that
 # `casfs stats` and statfs never scan a table.
 STAT_OBJECTS = b"stat.objects"  # number of stored objects
@@ -83,6 +104,8 @@ STATS = (STAT_OBJECTS, STAT_STORED_BYTES, STAT_PLAIN_BYTES, STAT_REFERENCED_BYTE
 
 # object header: kind in the high nibble, codec in the low nibble
 KIND_CHUNK = 0
+KIND_TREE = 1
+KIND_MANIFEST = 2
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 
@@ -154,6 +177,10 @@ def ref_value(count: int, plain_len: int) -> bytes:
 
 def read_ref_value(b: bytes) -> tuple[int, int]:
     return _REF.unpack(b)
+
+
+def link_key(ino: int, parent: int) -> bytes:
+    return _U64_U64.pack(ino, parent)
 
 
 def xattr_key(ino: int, name: bytes) -> bytes:

@@ -524,8 +524,9 @@ class Store:
         tx.add_u64(layout.STAT_REFERENCED_BYTES, plain_len)
         return True
 
-    def drop_ref(self, tx: Tx, digest: bytes) -> bool:
-        """Remove one reference; free the object with its last. True when freed."""
+    def drop_ref(self, tx: Tx, digest: bytes) -> bytes | None:
+        """Remove one reference; free the object with its last. Returns the freed object's
+        stored value (so a tree object's children can be released in turn), else None."""
         ref = tx.get(b"refs", digest)
         if ref is None:
             raise CorruptObject(digest, "reference dropped but none counted")
@@ -533,14 +534,14 @@ class Store:
         tx.add_u64(layout.STAT_REFERENCED_BYTES, -size)
         if count > 1:
             tx.put(b"refs", digest, layout.ref_value(count - 1, size))
-            return False
+            return None
         value = tx.get(b"objects", digest)
         tx.delete(b"refs", digest)
         tx.delete(b"objects", digest)
         tx.add_u64(layout.STAT_OBJECTS, -1)
         tx.add_u64(layout.STAT_STORED_BYTES, -len(value) if value else 0)
         tx.add_u64(layout.STAT_PLAIN_BYTES, -size)
-        return True
+        return value if value is not None else b"\0"
 
     def load_value(self, tx: Tx, digest: bytes) -> bytes:
         """The stored (still encoded) value of an object; decode it with ``self.codec``,

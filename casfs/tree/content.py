@@ -36,6 +36,15 @@ class Extent:
         return self.offset + self.length
 
 
+def file_extents(tx: Tx, ino: int) -> list[Extent]:
+    """Every extent of a file, in order."""
+    found = []
+    for key, value in tx.prefix(b"extents", layout.ino_key(ino)):
+        digest, length = layout.read_extent_value(value)
+        found.append(Extent(layout.read_extent_key(key)[1], length, digest))
+    return found
+
+
 class ChunkCache:
     """Decoded chunks by digest, least recently used out first. Content-addressed data never
     changes, so an entry is never stale."""

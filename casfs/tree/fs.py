@@ -25,11 +25,14 @@ from casfs.errors import FsError
 from casfs.store import layout
 from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store, Tx
-from casfs.tree import directory, writer
+from casfs.tree import directory, parents, treeobjects, writer
 from casfs.tree.content import Content
+from casfs.tree.merkle import LiveDigests
 from casfs.tree.records import NAME_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, Inode
+from casfs.tree.treeobjects import Entry
 
 ROOT_INO = layout.ROOT_INO
+SNAPDIR_NAME = b".snap"  # the mount shows snapshots there: no live entry may take the name
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 RENAME_WHITEOUT = 4
@@ -98,6 +101,7 @@ class Filesystem:
         self.store = store
         self.pipeline = Pipeline(store, workers)
         self.content = Content(store, self.pipeline, cache_bytes)
+        self.merkle = LiveDigests(store)
         self.is_held: Callable[[int], bool] = is_held or (lambda ino: False)
 
     @classmethod
@@ -117,7 +121,11 @@ class Filesystem:
 
     def _put(self, tx: Tx, inode: Inode) -> Inode:
         tx.put(b"inodes", layout.ino_key(inode.ino), inode.pack())
+        self.merkle.changed(tx, inode, lambda ino: self._get(tx, ino))
         return inode
+
+    def _content_changed(self, tx: Tx, ino: int) -> None:
+        self.merkle.drop(tx, ino)
 
     def _dir(self, tx: Tx, ino: int, *, for_new_entry: bool = False) -> Inode:
         inode = self._get(tx, ino)
@@ -141,6 +149,16 @@ class Filesystem:
         d = self._get(tx, ino)
         self._put(tx, d.but(nlink=d.nlink + nlink_delta, mtime_ns=t, ctime_ns=t))
 
+    def _check_new_name(self, tx: Tx, parent_ino: int, name: bytes) -> Inode:
+        """The parent directory, if ``name`` may be added to it."""
+        check_name(name)
+        parent = self._dir(tx, parent_ino, for_new_entry=True)
+        if directory.find(tx, parent_ino, name) is not None or (
+            parent_ino == ROOT_INO and name == SNAPDIR_NAME
+        ):
+            raise FsError(errno.EEXIST, repr(name))
+        return parent
+
     def _new_inode(
         self,
         tx: Tx,
@@ -152,10 +170,7 @@ class Filesystem:
         rdev: int = 0,
         target: bytes = b"",
     ) -> Inode:
-        check_name(name)
-        parent = self._dir(tx, parent_ino, for_new_entry=True)
-        if directory.find(tx, parent_ino, name) is not None:
-            raise FsError(errno.EEXIST, repr(name))
+        parent = self._check_new_name(tx, parent_ino, name)
         is_dir = stat.S_ISDIR(mode)
         if parent.mode & stat.S_ISGID:  # BSD group semantics of a setgid directory
             gid = parent.gid
@@ -176,7 +191,7 @@ class Filesystem:
             t,
             t,
             t,
-            parent=parent_ino if is_dir else 0,
+            parent=parent_ino,
             target=target,
         )
         self._put(tx, inode)
@@ -193,6 +208,7 @@ class Filesystem:
             self._free(tx, inode.ino)
 
     def _free(self, tx: Tx, ino: int) -> None:
+        self.merkle.drop(tx, ino)
         self.content.drop_all(tx, ino)
         for key, _ in list(tx.prefix(b"xattrs", layout.ino_key(ino))):
             tx.delete(b"xattrs", key)
@@ -258,6 +274,7 @@ class Filesystem:
                 raise FsError(errno.EINVAL, f"inode {ino} is not a regular file")
             if size < 0:
                 raise FsError(errno.EINVAL, "negative size")
+            self._content_changed(tx, ino)
             if size < inode.size:
                 changes["data_bytes"] = inode.data_bytes + writer.truncate(
                     self.content, tx, ino, size
@@ -304,17 +321,14 @@ class Filesystem:
     @_writes
     def link(self, tx: Tx, ino: int, new_parent: int, new_name: bytes) -> Inode:
         inode = self._get(tx, ino)
-        check_name(new_name)
-        parent = self._dir(tx, new_parent, for_new_entry=True)
-        if directory.find(tx, new_parent, new_name) is not None:
-            raise FsError(errno.EEXIST, repr(new_name))  # Linux checks the name first
+        parent = self._check_new_name(tx, new_parent, new_name)  # Linux checks the name first
         if inode.is_dir:
             raise FsError(errno.EPERM, "hard link to a directory")
         if inode.nlink == 0:
             raise FsError(errno.ENOENT, f"inode {ino} was removed")
         t = now_ns()
         self._put(tx, directory.add(tx, parent, new_name, ino).but(mtime_ns=t, ctime_ns=t))
-        return self._put(tx, inode.but(nlink=inode.nlink + 1, ctime_ns=t))
+        return self._put(tx, parents.gained(tx, inode, new_parent).but(ctime_ns=t))
 
     @_writes
     def unlink(self, tx: Tx, parent: int, name: bytes) -> None:
@@ -324,7 +338,7 @@ class Filesystem:
         t = now_ns()
         directory.remove(tx, parent, name)
         self._touch_dir(tx, parent, t=t)
-        child = self._put(tx, child.but(nlink=child.nlink - 1, ctime_ns=t))
+        child = self._put(tx, parents.lost(tx, child, parent).but(ctime_ns=t))
         self._unlinked(tx, child)
 
     @_writes
@@ -366,6 +380,8 @@ class Filesystem:
         src = self._get(tx, self._child(tx, parent, name))
         check_name(new_name)
         self._dir(tx, new_parent, for_new_entry=True)
+        if new_parent == ROOT_INO and new_name == SNAPDIR_NAME:
+            raise FsError(errno.EBUSY, "the name .snap is reserved for snapshots")
         dst_ino = directory.find(tx, new_parent, new_name)
         t = now_ns()
         if flags & RENAME_EXCHANGE:
@@ -393,19 +409,18 @@ class Filesystem:
         directory.remove(tx, parent, name)
         if dst_ino is not None:
             directory.retarget(tx, new_parent, new_name, src.ino)
-            nlink = 0 if dst.is_dir else dst.nlink - 1
+            dst = dst.but(nlink=0) if dst.is_dir else parents.lost(tx, dst, new_parent)
             self._touch_dir(tx, new_parent, nlink_delta=-dst.is_dir, t=t)
-            self._unlinked(tx, self._put(tx, dst.but(nlink=nlink, ctime_ns=t)))
+            self._unlinked(tx, self._put(tx, dst.but(ctime_ns=t)))
         else:
             self._put(tx, directory.add(tx, self._get(tx, new_parent), new_name, src.ino))
         if src.is_dir and parent != new_parent:
             self._touch_dir(tx, parent, nlink_delta=-1, t=t)
             self._touch_dir(tx, new_parent, nlink_delta=+1, t=t)
-            src = src.but(parent=new_parent)
         else:
             self._touch_dir(tx, parent, t=t)
             self._touch_dir(tx, new_parent, t=t)
-        self._put(tx, src.but(ctime_ns=t))
+        self._put(tx, parents.moved(tx, self._get(tx, src.ino), parent, new_parent).but(ctime_ns=t))
 
     def _exchange(
         self,
@@ -431,8 +446,11 @@ class Filesystem:
             self._touch_dir(tx, new_parent, nlink_delta=moved, t=t)
         else:
             self._touch_dir(tx, parent, t=t)
-        self._put(tx, src.but(ctime_ns=t, parent=new_parent if src.is_dir else 0))
-        self._put(tx, dst.but(ctime_ns=t, parent=parent if dst.is_dir else 0))
+        if src.ino != dst.ino:  # two links of one file: nothing moves
+            src = parents.moved(tx, self._get(tx, src.ino), parent, new_parent)
+            dst = parents.moved(tx, self._get(tx, dst.ino), new_parent, parent)
+        self._put(tx, src.but(ctime_ns=t))
+        self._put(tx, dst.but(ctime_ns=t))
 
     # -- content ----------------------------------------------------------------------------
 
@@ -515,6 +533,7 @@ class Filesystem:
     ) -> None:
         inode = self._regular(tx, w.ino)
         delta = w.apply(tx, group, pieces, values)
+        self._content_changed(tx, w.ino)
         t = now_ns()
         self._put(
             tx,
@@ -573,6 +592,74 @@ class Filesystem:
         if not tx.delete(b"xattrs", layout.xattr_key(ino, name)):
             raise FsError(errno.ENODATA, repr(name))
         self._put(tx, inode.but(ctime_ns=now_ns()))
+
+    # -- whole subtrees (restore, rollback) --------------------------------------------------
+
+    def place(self, tx: Tx, parent: int, name: bytes, entry: Entry) -> Inode:
+        """A new inode named ``name`` with a snapshot entry's attributes, xattrs and content
+        (its chunks gain a reference each: no byte is copied). The directory's own times are
+        the caller's to set once its entries are in (:meth:`set_times`)."""
+        inode = self._new_inode(
+            tx, parent, name, entry.mode, entry.uid, entry.gid, entry.rdev, entry.target
+        )
+        for key, value in entry.xattrs:
+            tx.put(b"xattrs", layout.xattr_key(inode.ino, key), value)
+        if entry.is_reg:
+            extents = entry.extents
+            if entry.digest:
+                extents = treeobjects.load_manifest(self.store, tx, entry.digest)
+            for e in extents:
+                tx.put(b"extents", layout.extent_key(inode.ino, e.offset),
+                       layout.extent_value(e.digest, e.length))  # fmt: skip
+                self.store.add_ref(tx, e.digest, None, e.length)
+        inode = inode.but(
+            mode=entry.mode,
+            gid=entry.gid,
+            size=entry.size,
+            data_bytes=entry.data_bytes if entry.is_reg else 0,
+            atime_ns=entry.atime_ns,
+            mtime_ns=entry.mtime_ns,
+        )
+        return self._put(tx, inode)
+
+    def add_name(self, tx: Tx, ino: int, parent: int, name: bytes) -> Inode:
+        """One more hard link, inside the caller's transaction."""
+        return Filesystem.link.__wrapped__(self, tx, ino, parent, name)
+
+    def lookup_in(self, tx: Tx, parent: int, name: bytes) -> int:
+        """The inode ``name`` names in directory ``parent``, inside the caller's transaction."""
+        return self._child(tx, parent, name)
+
+    def set_root_attributes(
+        self, tx: Tx, mode: int, uid: int, gid: int, xattrs: tuple[tuple[bytes, bytes], ...]
+    ) -> None:
+        root = self._get(tx, ROOT_INO)
+        for key, _ in list(tx.prefix(b"xattrs", layout.ino_key(ROOT_INO))):
+            tx.delete(b"xattrs", key)
+        for key, value in xattrs:
+            tx.put(b"xattrs", layout.xattr_key(ROOT_INO, key), value)
+        self._put(tx, root.but(mode=mode, uid=uid, gid=gid, ctime_ns=now_ns()))
+
+    def set_times(self, tx: Tx, ino: int, atime_ns: int, mtime_ns: int) -> None:
+        self._put(tx, self._get(tx, ino).but(atime_ns=atime_ns, mtime_ns=mtime_ns))
+
+    def remove_tree(self, tx: Tx, parent: int, name: bytes) -> None:
+        """Remove ``name`` and, if it is a directory, everything below it (``rm -r``), inside
+        the caller's transaction. Inodes something still holds become orphans as usual."""
+        unlink = Filesystem.unlink.__wrapped__
+        rmdir = Filesystem.rmdir.__wrapped__
+        stack = [(parent, name)]
+        while stack:
+            p, n = stack[-1]
+            child = self._get(tx, self._child(tx, p, n))
+            if not child.is_dir:
+                unlink(self, tx, p, n)
+                stack.pop()
+            elif directory.is_empty(tx, child.ino):
+                rmdir(self, tx, p, n)
+                stack.pop()
+            else:
+                stack.extend((child.ino, e[1]) for e in directory.entries(tx, child.ino))
 
     # -- inode lifetime ---------------------------------------------------------------------
 

@@ -16,7 +16,11 @@ from dataclasses import dataclass, field
 
 from casfs.errors import CorruptObject
 from casfs.store import layout
+from casfs.store.codec import digest_of
 from casfs.store.store import Store, Tx
+from casfs.tree import snapshots, treeobjects
+from casfs.tree.content import file_extents
+from casfs.tree.merkle import LiveDigests
 from casfs.tree.records import Inode
 
 ROOT = layout.ROOT_INO
@@ -57,6 +61,8 @@ def fsck(
         report.inodes = len(inodes)
         paths = _check_namespace(tx, inodes, report)
         refs = _check_extents(tx, inodes, report)
+        _check_links(tx, inodes, report)
+        refs += _check_merkle(store, tx, inodes, paths, report)
         _check_objects(tx, refs, report)
         _check_xattrs(tx, inodes, report)
         _check_stats(tx, inodes, report)
@@ -169,6 +175,77 @@ def _check_extents(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> Coun
                 f"inode {ino}: data_bytes {inode.data_bytes}, counted {data_bytes[ino]}",
             )
     return refs
+
+
+def _check_links(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> None:
+    """Each non-directory's parents: the inode's ``parent`` with one link, ``links`` rows
+    with more (see :mod:`casfs.tree.parents`)."""
+    names: defaultdict[int, Counter[int]] = defaultdict(Counter)
+    for key, value in tx.prefix(b"dirents", b""):
+        names[layout.read_dirent_value(value)[0]][layout.read_u64(key[:8])] += 1
+    rows: defaultdict[int, Counter[int]] = defaultdict(Counter)
+    for key, value in tx.prefix(b"links", b""):
+        rows[layout.read_u64(key[:8])][layout.read_u64(key[8:16])] = int.from_bytes(value, "big")
+    for ino, inode in inodes.items():
+        if inode.is_dir or inode.nlink == 0:
+            want: Counter[int] = Counter()
+        elif inode.nlink == 1:
+            want = Counter()
+            if names[ino] and set(names[ino]) != {inode.parent}:
+                report.add("structure", f"inode {ino} records parent {inode.parent}, "
+                           f"named in {sorted(names[ino])}")  # fmt: skip
+        else:
+            want = names[ino]
+        if rows.get(ino, Counter()) != want:
+            report.add("structure", f"inode {ino}: link rows {dict(rows.get(ino, {}))}, "
+                       f"counted {dict(want)}")  # fmt: skip
+    for ino in rows.keys() - inodes.keys():
+        report.add("leak", f"link rows of missing inode {ino}")
+
+
+def _check_merkle(
+    store: Store, tx: Tx, inodes: dict[int, Inode], paths: dict[int, bytes], report: FsckReport
+) -> Counter[bytes]:
+    """References held by cached digests, snapshots, pins and stored tree objects; each
+    cached digest must be what the live inode would encode to now."""
+    refs: Counter[bytes] = Counter()
+    merkle = LiveDigests(store)
+    for key, value in tx.prefix(b"treecache", b""):
+        ino = layout.read_u64(key)
+        digest = bytes(value[:32])
+        refs[digest] += 1
+        inode = inodes.get(ino)
+        where = f"cached digest of inode {ino} ({paths.get(ino, b'?')!r})"
+        if inode is None or not (inode.is_dir or inode.is_reg):
+            report.add("leak", f"{where}: no such directory or file")
+            continue
+        want = _recompute(store, tx, merkle, inode)
+        if want is None:
+            report.add("structure", f"{where}: something below it has no cached digest")
+        elif want != digest:
+            report.add("structure", f"{where} is stale")
+    for name, value in tx.prefix(b"snapshots", b""):
+        refs[snapshots.Snapshot.unpack(bytes(name), value).root.digest] += 1
+    for digest, value in tx.prefix(b"pins", b""):
+        refs[bytes(digest)] += layout.read_u64(value)
+    for digest, value in tx.prefix(b"objects", b""):
+        kind, _, _ = layout.split_object(value)
+        if kind == layout.KIND_CHUNK:
+            continue
+        try:
+            refs.update(treeobjects.refs_of(kind, store.codec.decode(bytes(digest), value)))
+        except CorruptObject as exc:
+            report.add("corrupt", str(exc))
+    return refs
+
+
+def _recompute(store: Store, tx: Tx, merkle: LiveDigests, inode: Inode) -> bytes | None:
+    if inode.is_reg:
+        return digest_of(treeobjects.encode_manifest(file_extents(tx, inode.ino)))
+    entries, totals, missing = merkle.compose(tx, inode, store_manifests=False)
+    if missing:
+        return None
+    return digest_of(treeobjects.encode_tree(entries, totals))
 
 
 def _check_objects(tx: Tx, counted: Counter[bytes], report: FsckReport) -> None:
