@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from casfs.errors import CasfsError
-from casfs_cli import commands, mounting
+from casfs_cli import commands, mounting, snapshots
 
 EXIT_PROBLEMS = 1  # fsck found problems
 EXIT_ERROR = 2  # the command could not do what was asked
@@ -83,6 +83,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.add_argument("--lazy", "-z", action="store_true", help="detach even if busy")
     s.set_defaults(run=mounting.umount)
+
+    s = sub.add_parser(
+        "snapshot",
+        help="take (NAME), list (no NAME) or delete (-d NAME) snapshots",
+        description="Given a mountpoint, or a store that is not mounted. A new snapshot holds "
+        "every byte written before the command ran; it appears as MOUNT/.snap/NAME.",
+    )
+    s.add_argument("target", metavar="MOUNT_OR_STORE")
+    s.add_argument("name", metavar="NAME", nargs="?", help="snapshot to take (or, with -d, delete)")
+    s.add_argument("-d", "--delete", action="store_true", help="delete snapshot NAME")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(run=snapshots.snapshot)
+
+    s = sub.add_parser(
+        "diff",
+        help="paths added (+), removed (-), modified (M) or with new metadata (m)",
+        description="Compare two snapshots, or a snapshot and the live tree (@live). Equal "
+        "subtrees are skipped by digest, so the cost follows the size of the change.",
+    )
+    s.add_argument("target", metavar="MOUNT_OR_STORE")
+    s.add_argument("old", metavar="OLD", help="snapshot name or @live")
+    s.add_argument("new", metavar="NEW", help="snapshot name or @live")
+    s.add_argument("--json", action="store_true", help="print a JSON list")
+    s.set_defaults(run=snapshots.diff_command)
+
+    s = sub.add_parser("rollback", help="make the live tree equal to a snapshot (no data copied)")
+    s.add_argument("target", metavar="MOUNT_OR_STORE")
+    s.add_argument("name", metavar="NAME")
+    s.set_defaults(run=snapshots.rollback)
+
+    s = sub.add_parser(
+        "restore", help="put a file or directory from a snapshot into the live tree (no copy)"
+    )
+    s.add_argument("target", metavar="MOUNT_OR_STORE")
+    s.add_argument("name", metavar="NAME", help="snapshot")
+    s.add_argument("path", metavar="PATH", help="path inside the snapshot")
+    s.add_argument("dest", metavar="DEST", nargs="?", help="live path (default: PATH)")
+    s.add_argument("--force", action="store_true", help="replace DEST if it exists")
+    s.set_defaults(run=snapshots.restore_command)
 
     s = sub.add_parser("demo", help="make a demo store filled with sample files and show its stats")
     s.add_argument("dir", metavar="DIR", nargs="?", default="/tmp/casfs-demo")

@@ -234,6 +234,13 @@ class Flusher:
         for ino in list(self.buffers.files):
             await self.flush(ino)
 
+    async def drain(self) -> None:
+        """Store every buffered byte, waiting for flushes already under way too (a snapshot
+        must include them). Ends once writers are held back (the snapshot's write gate)."""
+        while self.buffers.files or self.flushing:
+            for ino in list(self.buffers.files) + list(self.flushing):
+                await self.flush(ino)
+
     async def relieve_pressure(self) -> None:
         """Flush the largest files until the buffers are under half their limit."""
         while self.pending_total > self.buffers.limit_bytes // 2:

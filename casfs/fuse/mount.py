@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 
 import pyfuse3
 import trio
 
+from casfs.fuse import control
 from casfs.fuse.mountpoint import tune_readahead
 from casfs.fuse.operations import CasfsOperations, MountOptions
 from casfs.store.store import Store
+from casfs.tree import snapshots
 from casfs.tree.fs import Filesystem
 
 log = logging.getLogger(__name__)
@@ -48,16 +51,27 @@ def serve(
         freed = fs.free_orphans()
         if freed:
             log.info("freed %d orphaned inode(s) left by an unclean shutdown", freed)
+        pins = store.run_write(lambda tx: snapshots.drop_pins(tx, store))
+        if pins:
+            log.info("released %d pin(s) on deleted snapshots' files left by the last mount", pins)
         ops = CasfsOperations(fs, store, options)
-        pyfuse3.init(ops, mountpoint, fuse_options(store, options))
+        listener = control.listen(store.path)
+        try:
+            pyfuse3.init(ops, mountpoint, fuse_options(store, options))
+        except BaseException:
+            listener.close()
+            control.remove_socket(store.path)
+            raise
         log.info("mounted %s at %s", store.path, mountpoint)
         unmount = True
         try:
             store.begin_batch()
             if ready:
                 ready()
-            unmount = trio.run(_loop, ops, mountpoint)
+            unmount = trio.run(_loop, ops, mountpoint, listener)
         finally:
+            listener.close()
+            control.remove_socket(store.path)
             pyfuse3.close(unmount=unmount)
             store.commit_batch()
             log.info("unmounted %s", mountpoint)
@@ -78,7 +92,7 @@ async def _raise_readahead(mountpoint: str) -> None:
         log.info("could not raise the mount's read-ahead (not root?); reads stay at 128 KiB")
 
 
-async def _loop(ops: CasfsOperations, mountpoint: str) -> bool:
+async def _loop(ops: CasfsOperations, mountpoint: str, listener: socket.socket) -> bool:
     """Serve requests; returns True when the loop ended by a signal (we must unmount)."""
     signalled = False
     async with trio.open_nursery() as nursery:
@@ -94,6 +108,7 @@ async def _loop(ops: CasfsOperations, mountpoint: str) -> bool:
 
         nursery.start_soon(on_signal)
         nursery.start_soon(ops.flusher.run)
+        nursery.start_soon(control.ControlServer(ops).serve, listener)
         nursery.start_soon(_raise_readahead, mountpoint)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

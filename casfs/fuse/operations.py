@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
@@ -22,9 +23,11 @@ import trio
 from casfs.errors import CasfsError, CorruptObject
 from casfs.fuse.flusher import FLUSH_AT, INLINE_BYTES, Flusher, InodeLocks
 from casfs.fuse.pins import Pins
+from casfs.fuse.snapservice import SnapshotService
+from casfs.fuse.snapview import SNAPDIR_INO, SnapView, is_snapshot_ino, snapshot_ino
 from casfs.fuse.writeback import WriteBuffers
 from casfs.store.store import Store
-from casfs.tree.fs import Filesystem
+from casfs.tree.fs import ROOT_INO, SNAPDIR_NAME, Filesystem
 from casfs.tree.records import Inode
 
 log = logging.getLogger(__name__)
@@ -98,6 +101,9 @@ class CasfsOperations(pyfuse3.Operations):
         self.flusher = Flusher(fs, store, self.buffers, self.locks)
         self.handles: dict[int, int] = {}  # fh -> ino
         self._next_fh = 1
+        self.snaps = SnapView(fs, store)
+        self.snapshots = SnapshotService(self)
+        self.write_gate: trio.Event | None = None  # set while a snapshot is being taken
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -135,6 +141,9 @@ class CasfsOperations(pyfuse3.Operations):
 
     def _unpinned(self, ino: int) -> None:
         """Nothing in the kernel refers to ``ino`` any more: free it if it has no links."""
+        if is_snapshot_ino(ino):
+            self.snaps.release(ino)
+            return
         if self._nlink(ino) == 0:
             self.flusher.drop(ino)
         self.fs.release(ino)
@@ -159,6 +168,16 @@ class CasfsOperations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
+    def _known_snapshot(self, ino: int) -> pyfuse3.EntryAttributes:
+        self.pins.looked_up(ino)
+        return self.snaps.attributes(ino)
+
+    @staticmethod
+    def _read_only(*inos: int) -> None:
+        """Snapshots cannot change: EROFS for everyone, root included."""
+        if any(is_snapshot_ino(ino) for ino in inos):
+            raise pyfuse3.FUSEError(errno.EROFS)
+
     def _raise_flush_error(self, ino: int) -> None:
         code = self.flusher.take_error(ino)
         if code is not None:
@@ -170,6 +189,13 @@ class CasfsOperations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if is_snapshot_ino(parent_inode):
+            ino = self.snaps.lookup(parent_inode, name)
+            if not is_snapshot_ino(ino):  # ".." of .snap
+                return self._known(self.fs.getattr(ino))
+            return self._known_snapshot(ino)
+        if parent_inode == ROOT_INO and name == SNAPDIR_NAME:
+            return self._known_snapshot(SNAPDIR_INO)
         return self._known(self.fs.lookup(parent_inode, name))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -181,6 +207,8 @@ class CasfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if is_snapshot_ino(inode):
+            return self.snaps.attributes(inode)
         return self.entry(self.fs.getattr(inode))
 
     @fuse_errors
@@ -192,6 +220,7 @@ class CasfsOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        self._read_only(inode)
         changes = {
             key: getattr(attr, name) for flag, name, key in SETATTR_FIELDS if getattr(fields, flag)
         }
@@ -205,6 +234,11 @@ class CasfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if is_snapshot_ino(inode):
+            entry = self.snaps.node(inode).entry
+            if not stat.S_ISLNK(entry.mode):
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            return entry.target
         return self.fs.readlink(inode)
 
     @fuse_errors
@@ -228,6 +262,7 @@ class CasfsOperations(pyfuse3.Operations):
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._read_only(parent_inode)
         inode = self.fs.mknod(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid, rdev)
         return self._known(inode)
 
@@ -235,26 +270,39 @@ class CasfsOperations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode == SNAPDIR_INO:  # mkdir .snap/NAME takes a snapshot
+            await self.snapshots.create(name)
+            return self._known_snapshot(self.snaps.lookup(SNAPDIR_INO, name))
+        self._read_only(parent_inode)
         return self._known(self.fs.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
 
     @fuse_errors
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._read_only(parent_inode)
         return self._known(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @fuse_errors
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._read_only(inode, new_parent_inode)
         return self._known(self.fs.link(inode, new_parent_inode, new_name))
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._read_only(parent_inode)
         self.fs.unlink(parent_inode, name)
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if parent_inode == SNAPDIR_INO:  # rmdir .snap/NAME deletes a snapshot
+            await self.snapshots.delete(name)
+            return
+        self._read_only(parent_inode)
+        if parent_inode == ROOT_INO and name == SNAPDIR_NAME:
+            raise pyfuse3.FUSEError(errno.EBUSY)
         self.fs.rmdir(parent_inode, name)
 
     @fuse_errors
@@ -267,12 +315,17 @@ class CasfsOperations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        self._read_only(parent_inode_old, parent_inode_new)
+        if parent_inode_old == ROOT_INO and name_old == SNAPDIR_NAME:
+            raise pyfuse3.FUSEError(errno.EBUSY)
         self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     # -- files ------------------------------------------------------------------------------
 
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if is_snapshot_ino(inode):
+            return self._open_snapshot_file(inode, flags)
         node = self.fs.getattr(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -286,10 +339,18 @@ class CasfsOperations(pyfuse3.Operations):
         # The page cache stays valid across opens: every change goes through this mount.
         return pyfuse3.FileInfo(fh=self._new_fh(inode), keep_cache=True)
 
+    def _open_snapshot_file(self, inode: int, flags: int) -> pyfuse3.FileInfo:
+        if inode == SNAPDIR_INO or self.snaps.node(inode).entry.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=self._new_fh(inode), keep_cache=True)
+
     @fuse_errors
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._read_only(parent_inode)
         inode = self.fs.create(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid)
         entry = self._known(inode)
         return pyfuse3.FileInfo(fh=self._new_fh(inode.ino), keep_cache=True), entry
@@ -297,6 +358,8 @@ class CasfsOperations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         ino = self._ino(fh)
+        if is_snapshot_ino(ino):
+            return await self._read_snapshot_file(ino, off, size)
         async with self.locks(ino):
             node = self.fs.getattr(ino)
             dirty = self.buffers.get(ino)
@@ -317,9 +380,20 @@ class CasfsOperations(pyfuse3.Operations):
             dirty.overlay(off, out)
             return bytes(out)
 
+    async def _read_snapshot_file(self, ino: int, off: int, size: int) -> bytes:
+        entry = self.snaps.node(ino).entry
+        with self.store.read() as tx:
+            extents = self.snaps.extents(tx, entry)
+            job = self.fs.content.read_job(tx, ino, entry.size, off, size, extents)
+        data = job.assemble() if job.ready else await trio.to_thread.run_sync(job.assemble)
+        job.remember()
+        return data
+
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         ino = self._ino(fh)
+        while self.write_gate is not None:  # a snapshot is being taken: it ends before this
+            await self.write_gate.wait()
         self._raise_flush_error(ino)
         await self.flusher.make_room(ino, off, len(buf))
         while (dirty := self.buffers.get(ino)) is not None and not dirty.can_take(off, len(buf)):
@@ -337,7 +411,7 @@ class CasfsOperations(pyfuse3.Operations):
         ino = self.handles.pop(fh, None)
         if ino is None:
             return
-        if self._nlink(ino) > 0:
+        if not is_snapshot_ino(ino) and self._nlink(ino) > 0:
             if self.flusher.pending(ino) >= FLUSH_AT:
                 await self.flusher.flush(ino)
             else:  # small: store it between requests (the kernel does not wait for release)
@@ -348,6 +422,8 @@ class CasfsOperations(pyfuse3.Operations):
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         ino = self._ino(fh)
+        if is_snapshot_ino(ino):
+            return
         await self.flusher.flush(ino)
         self._raise_flush_error(ino)
         self.flusher.commit(durable=True)
@@ -356,6 +432,10 @@ class CasfsOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if is_snapshot_ino(inode):
+            if inode != SNAPDIR_INO and not self.snaps.node(inode).entry.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            return inode
         if not self.fs.getattr(inode).is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
@@ -363,6 +443,9 @@ class CasfsOperations(pyfuse3.Operations):
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         ino = fh
+        if is_snapshot_ino(ino):
+            self._readdir_snapshot(ino, start_id, token)
+            return
         if start_id < DOT_COOKIES:
             node = self.fs.getattr(ino)
             dots = [(b".", node), (b"..", self.fs.getattr(node.parent or ino))]
@@ -380,6 +463,40 @@ class CasfsOperations(pyfuse3.Operations):
                 return
             after = batch[-1][0]
 
+    def _readdir_snapshot(self, ino: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """Entries of .snap (cookie: snapshot id) or of a snapshot directory (cookie: index
+        in its sorted tree object); both orders are fixed, so offsets stay valid."""
+        snaps = self.snaps
+        if ino == SNAPDIR_INO:
+            here, up = snaps.snapdir_attributes(), self.entry(self.fs.getattr(ROOT_INO))
+        else:
+            node = snaps.node(ino)
+            here = snaps.attributes(ino)
+            up = here if node.parent not in snaps.nodes else snaps.attributes(node.parent)
+            if node.parent == SNAPDIR_INO:
+                up = snaps.snapdir_attributes()
+        for offset, (name, attrs) in enumerate(
+            [(b".", here), (b"..", up)][start_id:], start_id + 1
+        ):
+            if not pyfuse3.readdir_reply(token, name, attrs, offset):
+                return
+        after = max(start_id - DOT_COOKIES, 0)
+        if ino == SNAPDIR_INO:
+            for sid, snap in snaps.snapshot_list(after):
+                child = snaps.remember(snapshot_ino(sid, ROOT_INO), sid, snap.root, SNAPDIR_INO)
+                if not pyfuse3.readdir_reply(token, snap.name, snaps.attributes(child), sid + 2):
+                    return
+                self.pins.looked_up(child)
+            return
+        node = snaps.node(ino)
+        entries = snaps.tree(node.entry.digest).entries
+        for index in range(after, len(entries)):
+            e = entries[index]
+            child = snaps.remember(snapshot_ino(node.sid, e.ino), node.sid, e, ino)
+            if not pyfuse3.readdir_reply(token, e.name, snaps.attributes(child), index + 3):
+                return
+            self.pins.looked_up(child)
+
     async def releasedir(self, fh: int) -> None:
         pass
 
@@ -393,21 +510,31 @@ class CasfsOperations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         # The kernel asks for security.capability before every write(): answer a missing
         # attribute without building an exception chain.
-        value = self.fs.xattr(inode, name)
+        if is_snapshot_ino(inode):
+            value = dict(self._snapshot_xattrs(inode)).get(name)
+        else:
+            value = self.fs.xattr(inode, name)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        if is_snapshot_ino(inode):
+            return [name for name, _ in self._snapshot_xattrs(inode)]
         return self.fs.listxattr(inode)
+
+    def _snapshot_xattrs(self, inode: int) -> tuple[tuple[bytes, bytes], ...]:
+        return () if inode == SNAPDIR_INO else self.snaps.node(inode).entry.xattrs
 
     @fuse_errors
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
+        self._read_only(inode)
         self.fs.setxattr(inode, name, value)
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._read_only(inode)
         self.fs.removexattr(inode, name)

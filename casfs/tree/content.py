@@ -6,7 +6,9 @@ Writing is :mod:`casfs.tree.writer`'s job.
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -34,6 +36,21 @@ class Extent:
     @property
     def end(self) -> int:
         return self.offset + self.length
+
+
+ExtentSource = Callable[[int, int], list[Extent]]
+
+
+def overlapping(extents: list[Extent], start: int, end: int) -> list[Extent]:
+    """The extents of a sorted list that overlap [start, end)."""
+    i = max(bisect.bisect_right(extents, start, key=lambda e: e.offset) - 1, 0)
+    out = []
+    for e in extents[i:]:
+        if e.offset >= end:
+            break
+        if e.end > start:
+            out.append(e)
+    return out
 
 
 def file_extents(tx: Tx, ino: int) -> list[Extent]:
@@ -128,7 +145,7 @@ class Content:
         job.remember()
         return [job.plain[e.digest] for e in extents]
 
-    def _read_ahead(self, tx: Tx, ino: int, offset: int, end: int) -> None:
+    def _read_ahead(self, tx: Tx, ino: int, offset: int, end: int, source: ExtentSource) -> None:
         """On sequential reads, start decoding the next READ_AHEAD bytes in the pool, so the
         caller's thread assembles this read while other cores decode the next."""
         if self._last_end.pop(ino, None) != offset:
@@ -140,7 +157,7 @@ class Content:
         if len(self._inflight) > 512:  # abandoned read-ahead: let it go
             self._inflight.clear()
         items = []
-        for e in self.extents(tx, ino, end, end + READ_AHEAD):
+        for e in source(end, end + READ_AHEAD):
             if e.digest not in self._inflight and self.cache.get(e.digest) is None:
                 items.append((e.digest, self.store.load_value(tx, e.digest)))
         if items:
@@ -148,13 +165,29 @@ class Content:
             for index, (digest, _) in enumerate(items):
                 self._inflight[digest] = (future, index)
 
-    def read_job(self, tx: Tx, ino: int, size: int, offset: int, length: int) -> ReadJob:
-        """Plan a read (on the store's thread); ``job.assemble()`` may then run anywhere."""
+    def read_job(
+        self,
+        tx: Tx,
+        ino: int,
+        size: int,
+        offset: int,
+        length: int,
+        extents: list[Extent] | None = None,
+    ) -> ReadJob:
+        """Plan a read (on the store's thread); ``job.assemble()`` may then run anywhere.
+        The extents are the live file's, or the given list (a snapshot's file, with ``ino``
+        its mount's inode number)."""
+
+        def source(start: int, stop: int) -> list[Extent]:
+            if extents is None:
+                return self.extents(tx, ino, start, stop)
+            return overlapping(extents, start, stop)
+
         end = min(size, offset + length)
-        job = ReadJob(self, self.extents(tx, ino, offset, end) if offset < end else [], offset, end)
+        job = ReadJob(self, source(offset, end) if offset < end else [], offset, end)
         job.plan(tx)
         if offset < end:
-            self._read_ahead(tx, ino, offset, end)
+            self._read_ahead(tx, ino, offset, end, source)
         return job
 
     def read(self, tx: Tx, ino: int, size: int, offset: int, length: int) -> bytes:

@@ -7,6 +7,7 @@ mtime (because its entries changed) is not reported itself: its changed entries 
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass
 
@@ -22,6 +23,9 @@ class Change:
     kind: str
     path: bytes
     is_dir: bool
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": os.fsdecode(self.path), "dir": self.is_dir}
 
 
 def _content(e: Entry) -> tuple:

@@ -10,6 +10,7 @@ directory's tree object.
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +45,21 @@ class Snapshot:
         sid, created = _HEAD.unpack_from(value)
         tree = treeobjects.decode_tree(bytes(value[_HEAD.size :]))
         return cls(name, sid, created, tree.entries[0], tree.totals)
+
+
+def describe(snap: Snapshot, exclusive_bytes: int | None = None) -> dict:
+    """A snapshot as JSON-ready data (what ``casfs snapshot --json`` prints)."""
+    out = {
+        "name": os.fsdecode(snap.name),
+        "id": snap.id,
+        "created_ns": snap.created_ns,
+        "files": snap.totals.files,
+        "dirs": snap.totals.dirs,
+        "logical_bytes": snap.totals.bytes,
+    }
+    if exclusive_bytes is not None:
+        out["exclusive_bytes"] = exclusive_bytes
+    return out
 
 
 def check_snapshot_name(name: bytes) -> None:
@@ -104,6 +120,39 @@ def delete(tx: Tx, store: Store, name: bytes) -> Snapshot:
     tx.delete(b"snapshots", name)
     treeobjects.release(store, tx, snap.root.digest)
     return snap
+
+
+def pin(tx: Tx, store: Store, digests: list[bytes]) -> None:
+    """Hold one reference on each object for the kernel (``pins`` table; see
+    :mod:`casfs.fuse.snapview`)."""
+    for digest in digests:
+        store.add_ref(tx, digest, None, 0)
+        tx.put(b"pins", digest, layout.u64(_pins(tx, digest) + 1))
+
+
+def unpin(tx: Tx, store: Store, digests: list[bytes]) -> None:
+    for digest in digests:
+        left = _pins(tx, digest) - 1
+        if left > 0:
+            tx.put(b"pins", digest, layout.u64(left))
+        else:
+            tx.delete(b"pins", digest)
+        treeobjects.release(store, tx, digest)
+
+
+def drop_pins(tx: Tx, store: Store) -> int:
+    """Release every pin (at mount: the kernel that held them is gone). Returns how many."""
+    rows = [(bytes(k), layout.read_u64(v)) for k, v in tx.prefix(b"pins", b"")]
+    for digest, count in rows:
+        tx.delete(b"pins", digest)
+        for _ in range(count):
+            treeobjects.release(store, tx, digest)
+    return sum(count for _, count in rows)
+
+
+def _pins(tx: Tx, digest: bytes) -> int:
+    value = tx.get(b"pins", digest)
+    return layout.read_u64(value) if value else 0
 
 
 def exclusive_bytes(tx: Tx, store: Store, root: bytes) -> int:

@@ -1,0 +1,212 @@
+"""Snapshot creation cost: the first snapshot of a tree, and a snapshot after a few changes.
+
+For each tree size N (default 10,000 and 100,000 files; --quick: 1,000 and 10,000), in a fresh
+store (removed afterwards), the model builds a source-like tree in-process:
+
+  /src/pkgNNNN/modNN/fileNN.txt   50 files per leaf directory, 20 leaf directories per parent
+
+File sizes are uniform in 100..8000 bytes, the contents source-like text (words and indented
+lines from a small vocabulary, so they compress), all from a fixed random seed. The tree is
+built in group-commit batches of ~5000 operations (its time is printed as context). Then:
+
+  snapshot_first              seconds to create the first snapshot: every tree object built
+                              (the live digest cache is empty), committed durably
+  snapshot_build_rate         N / snapshot_first, files/s
+  snapshot_after_10_changes   write a few bytes into 10 files spread across the tree (each
+                              write its own durable commit, not timed), then time the next
+                              snapshot; 5 rounds (different files each round), median seconds
+                              ("rounds": each round's seconds)
+  snapshot_change_cost_ratio  snapshot_after_10_changes of the large tree / of the small one:
+                              the O(change) claim (DESIGN §3) says it should not grow with N
+
+Every snapshot is one durable write transaction; its line's "create_s" is the part spent in
+snapshots.create (building tree objects), the rest is LMDB commit and sync.
+
+Goals (the issue): after-10-changes < 0.1 s at each size; the ratio <= 1.5; the first
+snapshot of 100,000 files < 5 s. Lines with a goal carry "goal" and "met".
+Prints one JSON line per figure:
+{"bench", ["files"], "value", "unit", ["rounds"], ["create_s"], ["vs"], ["goal", "met"]}.
+Run: .venv/bin/python bench/snapshot.py [--quick] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+
+from casfs.tree import snapshots
+from casfs.tree.fs import ROOT_INO, Filesystem
+
+SEED = 20240601
+FILES_PER_DIR = 50
+DIRS_PER_PARENT = 20
+BATCH_OPS = 5000
+CHANGED_FILES = 10
+CHANGE_ROUNDS = 5
+GOAL_AFTER_CHANGES_S = 0.1
+GOAL_RATIO = 1.5
+GOAL_FIRST_100K_S = 5.0
+
+_WORDS = (
+    "def class return self import from if else elif for while in not and or None True False "
+    "try except finally with as yield lambda pass raise assert global value key data index "
+    "count name path node tree item result buffer offset length size parent child entry "
+    "digest store write read open close commit batch error list dict int bytes str len range"
+).split()
+_PUNCT = ("(", ")", ":", ",", ".", " =", " +=", "[", "]", " ==", "")
+
+
+def source_text(rng: random.Random, n: int) -> bytes:
+    """About ``n`` bytes of source-like text: indented lines of words and punctuation."""
+    lines = []
+    total = 0
+    while total < n:
+        indent = "    " * rng.randrange(4)
+        words = rng.choices(_WORDS, k=rng.randrange(2, 10))
+        line = indent + " ".join(w + rng.choice(_PUNCT) for w in words) + "\n"
+        lines.append(line)
+        total += len(line)
+    return "".join(lines).encode()[:n]
+
+
+def emit(bench: str, value: float, unit: str, **extra: object) -> None:
+    line: dict[str, object] = {"bench": bench}
+    if "files" in extra:
+        line["files"] = extra.pop("files")
+    line.update(value=float(f"{value:.4g}"), unit=unit)
+    line.update(extra)
+    print(json.dumps(line), flush=True)
+
+
+def build_tree(fs: Filesystem, nfiles: int, rng: random.Random, pool: bytes) -> list[int]:
+    """Create the tree under /src in batches; the file inodes, in creation order."""
+    store = fs.store
+    files: list[int] = []
+    ops = 0
+    store.begin_batch()
+    try:
+        src = fs.mkdir(ROOT_INO, b"src", 0o755, 0, 0).ino
+        nleaves = -(-nfiles // FILES_PER_DIR)
+        parent = 0
+        for leaf in range(nleaves):
+            if leaf % DIRS_PER_PARENT == 0:
+                name = b"pkg%04d" % (leaf // DIRS_PER_PARENT)
+                parent = fs.mkdir(src, name, 0o755, 0, 0).ino
+            d = fs.mkdir(parent, b"mod%02d" % (leaf % DIRS_PER_PARENT), 0o755, 0, 0).ino
+            for i in range(min(FILES_PER_DIR, nfiles - len(files))):
+                ino = fs.create(d, b"file%02d.txt" % i, 0o644, 0, 0).ino
+                size = rng.randint(100, 8000)
+                off = rng.randrange(len(pool) - size)
+                fs.write(ino, 0, pool[off : off + size])
+                files.append(ino)
+                ops += 2
+                if ops >= BATCH_OPS:
+                    store.commit_batch()
+                    store.begin_batch()
+                    ops = 0
+    finally:
+        store.commit_batch()
+    return files
+
+
+def take_snapshot(fs: Filesystem, name: bytes) -> tuple[float, float]:
+    """Seconds for the whole snapshot (one durable write transaction), and of those, the
+    seconds inside snapshots.create (building tree objects); the rest is commit and sync."""
+    store = fs.store
+    inside = []
+
+    def create(tx) -> None:
+        t = time.perf_counter()
+        snapshots.create(tx, store, fs.merkle, name, time.time_ns())
+        inside.append(time.perf_counter() - t)
+
+    t = time.perf_counter()
+    store.run_write(create)
+    return time.perf_counter() - t, inside[-1]
+
+
+def sig(seconds: float) -> float:
+    return float(f"{seconds:.4g}")
+
+
+def measure(nfiles: int, work: str, pool: bytes) -> dict[str, float]:
+    rng = random.Random(SEED + nfiles)
+    path = os.path.join(work, f"store-{nfiles}")
+    store = Filesystem.create_store(path)
+    fs = Filesystem(store)
+    try:
+        t = time.perf_counter()
+        files = build_tree(fs, nfiles, rng, pool)
+        built = time.perf_counter() - t
+        emit("tree_build", built, "s", files=nfiles)
+        emit("tree_build_rate", nfiles / built, "files/s", files=nfiles)
+
+        first, first_create = take_snapshot(fs, b"first")
+        goal = {"goal": GOAL_FIRST_100K_S, "met": first < GOAL_FIRST_100K_S}
+        if nfiles != 100_000:
+            goal = {}
+        emit("snapshot_first", first, "s", files=nfiles, create_s=sig(first_create), **goal)
+        emit("snapshot_build_rate", nfiles / first, "files/s", files=nfiles)
+
+        after = []
+        create_times = []
+        stride = len(files) // CHANGED_FILES
+        for r in range(CHANGE_ROUNDS):
+            # one file in each tenth of the tree, at a different place every round
+            for k in range(CHANGED_FILES):
+                ino = files[k * stride + rng.randrange(stride)]
+                fs.write(ino, rng.randrange(64), b"# changed %d\n" % r)
+            total, inside = take_snapshot(fs, b"after-%d" % r)
+            after.append(total)
+            create_times.append(inside)
+        median = statistics.median(after)
+        emit(
+            "snapshot_after_10_changes",
+            median,
+            "s",
+            files=nfiles,
+            rounds=[sig(s) for s in after],
+            create_s=sig(statistics.median(create_times)),
+            goal=GOAL_AFTER_CHANGES_S,
+            met=median < GOAL_AFTER_CHANGES_S,
+        )
+        return {"first": first, "after": median}
+    finally:
+        fs.close()
+        store.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="1,000 and 10,000 files")
+    ap.add_argument("--dir", default=None, help="where to put the scratch stores (default: tmp)")
+    args = ap.parse_args()
+    sizes = (1_000, 10_000) if args.quick else (10_000, 100_000)
+    pool = source_text(random.Random(SEED), 4 << 20)
+    work = tempfile.mkdtemp(prefix="casfs-bench-snapshot-", dir=args.dir)
+    try:
+        results = {n: measure(n, work, pool) for n in sizes}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    small, large = sizes
+    ratio = results[large]["after"] / results[small]["after"]
+    emit(
+        "snapshot_change_cost_ratio",
+        ratio,
+        "x",
+        vs="files small vs large",
+        files=list(sizes),
+        goal=GOAL_RATIO,
+        met=ratio <= GOAL_RATIO,
+    )
+
+
+if __name__ == "__main__":
+    main()
