@@ -127,3 +127,78 @@ def test_error_for_a_path_with_newline_and_non_utf8_bytes_is_one_line(tmp_path):
     bad = os.fsdecode(bytes(tmp_path) + b"/\xff\nstore")
     r = casfs("fsck", bad)
     assert_one_line_error(r, "\\xff\\nstore does not exist")
+
+
+def test_snapshot_commands_offline(tmp_path):
+    store = str(tmp_path / "s")
+    assert casfs("init", store).returncode == 0
+    with Store(store) as s:
+        fs = Filesystem(s)
+        d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0)
+        node = fs.create(d.ino, b"f", 0o644, 0, 0)
+        fs.write(node.ino, 0, b"one\n")
+        fs.close()
+    r = casfs("snapshot", store, "first")
+    assert r.returncode == 0 and r.stdout.startswith("created snapshot first: 1 files"), r
+    with Store(store) as s:
+        fs = Filesystem(s)
+        fs.write(fs.lookup(fs.lookup(ROOT_INO, b"d").ino, b"f").ino, 0, b"two\n")
+        fs.create(ROOT_INO, b"new", 0o644, 0, 0)
+        fs.close()
+    assert casfs("snapshot", store, "second").returncode == 0
+    r = casfs("snapshot", store, "--json")
+    rows = json.loads(r.stdout)
+    assert [row["name"] for row in rows] == ["first", "second"]
+    assert all(row["exclusive_bytes"] >= 0 for row in rows)
+    r = casfs("diff", store, "first", "second")
+    assert r.stdout.splitlines() == ["M /d/f", "+ /new"], r.stdout
+    assert json.loads(casfs("diff", "--json", store, "second", "@live").stdout) == []
+    r = casfs("rollback", store, "first")
+    assert r.returncode == 0 and r.stdout.startswith("rolled back to snapshot first"), r
+    assert casfs("diff", store, "first", "@live").stdout == ""
+    r = casfs("restore", store, "second", "new")
+    assert r.returncode == 0 and "restored new from snapshot second to /new" in r.stdout, r
+    assert_one_line_error(casfs("restore", store, "second", "new"), "exists (use --force)")
+    assert casfs("restore", "--force", store, "second", "new").returncode == 0
+    assert casfs("snapshot", "-d", store, "first").returncode == 0
+    assert casfs("fsck", store).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("snapshot", "STORE", ""), "invalid snapshot name"),
+        (("snapshot", "STORE", "."), "invalid snapshot name"),
+        (("snapshot", "STORE", "a/b"), "control character"),
+        (("snapshot", "STORE", "x" * 256), "name too long"),
+        (("snapshot", "STORE", "new\nline"), "control character"),
+        (("snapshot", "STORE", "s"), "exists"),
+        (("snapshot", "-d", "STORE", "missing"), "no snapshot named 'missing'"),
+        (("snapshot", "-d", "STORE"), "needs the NAME"),
+        (("diff", "STORE", "s", "missing"), "no snapshot named"),
+        (("rollback", "STORE", "missing"), "no snapshot named"),
+        (("restore", "STORE", "s", "nowhere"), "No such file"),
+        (("restore", "STORE", "s", "f/x"), "Not a directory"),
+        (("restore", "STORE", "s", "f", "nodir/f"), "No such file"),
+        (("snapshot", "FILE"), "not a directory"),
+        (("snapshot", "NOSTORE"), "neither a casfs mountpoint nor a casfs store"),
+        (("snapshot", "MISSING", "x"), "not a directory"),
+    ],
+)
+def test_snapshot_commands_refuse_bad_input(tmp_path, args, fragment):
+    store = str(tmp_path / "s")
+    assert casfs("init", store).returncode == 0
+    with Store(store) as s:
+        fs = Filesystem(s)
+        fs.create(ROOT_INO, b"f", 0o644, 0, 0)
+        fs.close()
+    assert casfs("snapshot", store, "s").returncode == 0
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "plain").mkdir()
+    where = {"STORE": store, "FILE": str(tmp_path / "file"), "NOSTORE": str(tmp_path / "plain"),
+             "MISSING": str(tmp_path / "missing")}  # fmt: skip
+    before = os.path.getsize(os.path.join(store, "data.mdb")), casfs("snapshot", store).stdout
+    assert_one_line_error(casfs(*(where.get(a, a) for a in args)), fragment)
+    assert (os.path.getsize(os.path.join(store, "data.mdb")), casfs("snapshot", store).stdout) == (
+        before
+    )

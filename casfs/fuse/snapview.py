@@ -49,6 +49,7 @@ class Node:
     entry: Entry
     parent: int  # the mount's inode number of the directory holding it
     pinned: list[bytes] = field(default_factory=list)
+    attrs: pyfuse3.EntryAttributes | None = None  # built once: the entry never changes
 
 
 class _Lru(OrderedDict):
@@ -89,8 +90,11 @@ class SnapView:
     def attributes(self, ino: int) -> pyfuse3.EntryAttributes:
         if ino == SNAPDIR_INO:
             return self.snapdir_attributes()
-        e = self.node(ino).entry
-        a = self._attrs(ino, SNAP_TIMEOUT)
+        node = self.node(ino)
+        if node.attrs is not None:
+            return node.attrs
+        e = node.entry
+        a = node.attrs = self._attrs(ino, SNAP_TIMEOUT)
         a.st_mode, a.st_nlink, a.st_uid, a.st_gid, a.st_rdev = e.mode, e.nlink, e.uid, e.gid, e.rdev
         a.st_size = e.size
         a.st_blocks = (min(e.data_bytes, e.size) + 511) // 512
