@@ -213,16 +213,19 @@ def stall_during_snapshot(nfiles: int, work: str, pool: bytes) -> None:
     subprocess.run([*cli, "mount", path, mnt], check=True, capture_output=True)
     try:
         probe = os.path.join(mnt, "src", "pkg0000", "mod00", "file00.txt")
-        waits: list[float] = []
+        waits: list[float] = []  # statvfs: one request that always reaches the daemon
+        cycles: list[float] = []  # open + read + close: several requests
         done = threading.Event()
 
         def prober() -> None:
             while not done.is_set():
                 t = time.perf_counter()
-                os.stat(probe)
+                os.statvfs(mnt)
+                waits.append(time.perf_counter() - t)
+                t = time.perf_counter()
                 with open(probe, "rb") as f:
                     f.read(4096)
-                waits.append(time.perf_counter() - t)
+                cycles.append(time.perf_counter() - t)
                 time.sleep(0.002)
 
         thread = threading.Thread(target=prober)
@@ -234,8 +237,9 @@ def stall_during_snapshot(nfiles: int, work: str, pool: bytes) -> None:
         thread.join()
         worst = max(waits)
         emit("snapshot_first_via_mount", took, "s", files=nfiles)
-        emit("longest_wait_during_snapshot", worst, "s", files=nfiles, probes=len(waits),
-             goal=0.1, met=worst < 0.1)  # fmt: skip
+        emit("longest_request_wait_during_snapshot", worst, "s", files=nfiles,
+             probes=len(waits), goal=0.1, met=worst < 0.1)  # fmt: skip
+        emit("longest_open_read_close_during_snapshot", max(cycles), "s", files=nfiles)
     finally:
         subprocess.run([*cli, "umount", mnt], capture_output=True)
 

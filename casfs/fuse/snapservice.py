@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STEP_BUDGET = 0.01  # seconds of building before other requests get a turn
+# Commit what building wrote every this many bytes: one commit of a whole first snapshot's
+# tree objects would hold every request for its write-out.
+PREPARE_COMMIT_BYTES = 1 << 20
 
 
 class SnapshotService:
@@ -59,6 +62,8 @@ class SnapshotService:
         started = time.monotonic()
         while stack:
             self.store.run_write(lambda tx: self.fs.merkle.step(tx, stack))
+            if self.store.batch_written > PREPARE_COMMIT_BYTES:
+                self.ops.flusher.commit()
             if time.monotonic() - started > STEP_BUDGET:
                 await trio.sleep(0)
                 started = time.monotonic()

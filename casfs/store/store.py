@@ -461,6 +461,11 @@ class Store:
     def in_batch(self) -> bool:
         return self._batch is not None
 
+    @property
+    def batch_written(self) -> int:
+        """Bytes the open batch has put so far (what its commit will write)."""
+        return self._batch.written if self._batch is not None else 0
+
     def _grow_if_needed(self) -> None:
         """Grow the map before a transaction could fill it. The committed pages are LMDB's
         count; an open batch's are not, so what it has put (twice, for copy-on-write pages
