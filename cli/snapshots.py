@@ -111,12 +111,9 @@ class StoreTarget:
 
     def diff(self, old: bytes, new: bytes) -> list[dict]:
         def run(tx):
-            def root(name):
-                if name == b"@live":
-                    return snapshots.live_root(tx, self.fs.merkle)[0]
-                return snapshots.find(tx, name).root
-
-            return [c.describe() for c in diff.diff(self.store, tx, root(old), root(new))]
+            old_root = snapshots.root_of(tx, self.fs.merkle, old)
+            new_root = snapshots.root_of(tx, self.fs.merkle, new)
+            return [c.describe() for c in diff.diff(self.store, tx, old_root, new_root)]
 
         return self._write(run)
 

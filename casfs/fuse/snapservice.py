@@ -92,17 +92,14 @@ class SnapshotService:
 
     async def diff(self, old: bytes, new: bytes) -> list[diff.Change]:
         async with self._lock:
-            if b"@live" in (old, new):
+            if snapshots.LIVE in (old, new):
                 await self.ops.flusher.drain()
                 await self._prepare()
 
             def run(tx):
-                def root(name):
-                    if name == b"@live":
-                        return snapshots.live_root(tx, self.fs.merkle)[0]
-                    return snapshots.find(tx, name).root
-
-                return diff.diff(self.store, tx, root(old), root(new))
+                merkle = self.fs.merkle
+                old_root = snapshots.root_of(tx, merkle, old)
+                return diff.diff(self.store, tx, old_root, snapshots.root_of(tx, merkle, new))
 
             return self.store.run_write(run)
 

@@ -97,6 +97,14 @@ def live_root(tx: Tx, merkle: LiveDigests) -> tuple[Entry, Totals]:
     return entry_of(tx, root, b"", digest=digest), totals
 
 
+LIVE = b"@live"
+
+
+def root_of(tx: Tx, merkle: LiveDigests, name: bytes) -> Entry:
+    """The root entry of snapshot ``name``, or of the live tree for ``@live``."""
+    return live_root(tx, merkle)[0] if name == LIVE else find(tx, name).root
+
+
 def create(tx: Tx, store: Store, merkle: LiveDigests, name: bytes, created_ns: int) -> Snapshot:
     """Record the live tree as it is in ``tx`` (one point in time) under ``name``."""
     check_snapshot_name(name)
