@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pyfuse3
 import trio
 
-from casfs.fuse.snapview import SNAPDIR_INO, snapshot_ino
+from casfs.fuse.snapview import SNAPDIR_INO
 from casfs.tree import diff, restore, snapshots
 from casfs.tree.fs import ROOT_INO
 
@@ -78,9 +78,8 @@ class SnapshotService:
 
             snap = self.store.run_write(run)
             self.ops.flusher.commit(durable=True)
-        pyfuse3.invalidate_entry_async(
-            SNAPDIR_INO, name, deleted=snapshot_ino(snap.id, ROOT_INO), ignore_enoent=True
-        )
+        # not deleted=: the kernel refuses that for a directory still in use
+        pyfuse3.invalidate_entry_async(SNAPDIR_INO, name, ignore_enoent=True)
         log.info("deleted snapshot %r", name)
         return snap
 
@@ -108,27 +107,37 @@ class SnapshotService:
             await self.ops.flusher.drain()
             removed = self.store.run_write(lambda tx: restore.rollback(self.fs, tx, name))
             self.ops.flusher.commit(durable=True)
-        for entry_name, ino in removed:
-            pyfuse3.invalidate_entry_async(ROOT_INO, entry_name, deleted=ino, ignore_enoent=True)
-        try:
-            pyfuse3.invalidate_inode(ROOT_INO, attr_only=True)
-        except OSError:
-            pass
+        for gone in removed:
+            self._forget_name(gone)
+        self._refresh_attributes(ROOT_INO)
         log.info("rolled back to snapshot %r", name)
 
     async def restore(self, name: bytes, path: bytes, dest: bytes | None, force: bool) -> None:
         async with self._lock:
             await self.ops.flusher.drain()
-            target = (dest if dest is not None else path).strip(b"/")
-            parent_path, _, leaf = target.rpartition(b"/")
-
-            def run(tx):
-                return restore.restore(self.fs, tx, name, path, dest, force)
-
-            self.store.run_write(run)
+            made, replaced = self.store.run_write(
+                lambda tx: restore.restore(self.fs, tx, name, path, dest, force)
+            )
             self.ops.flusher.commit(durable=True)
-        parent = ROOT_INO
-        with self.store.read() as tx:
-            for part in filter(None, parent_path.split(b"/")):
-                parent = self.fs.lookup_in(tx, parent, part)
-        pyfuse3.invalidate_entry_async(parent, leaf, ignore_enoent=True)
+        if replaced is not None:
+            self._forget_name(replaced)
+        else:  # the kernel may hold a negative entry for the new name
+            pyfuse3.invalidate_entry_async(made.parent, made.name, ignore_enoent=True)
+        self._refresh_attributes(made.parent)
+
+    @staticmethod
+    def _forget_name(gone: restore.Name) -> None:
+        """Drop a removed entry from the kernel's cache. A file's inode is marked deleted
+        too (its open descriptors see nlink 0 at once); a directory's is not, because the
+        kernel refuses that while something below it is in use."""
+        deleted = 0 if gone.is_dir else gone.ino
+        pyfuse3.invalidate_entry_async(gone.parent, gone.name, deleted=deleted, ignore_enoent=True)
+
+    @staticmethod
+    def _refresh_attributes(ino: int) -> None:
+        """The directory's link count and times changed behind the kernel's back. (Called
+        from the control socket, never inside a request for ``ino``: it cannot deadlock.)"""
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError:
+            pass  # the kernel does not know it

@@ -630,6 +630,9 @@ class Filesystem:
         """The inode ``name`` names in directory ``parent``, inside the caller's transaction."""
         return self._child(tx, parent, name)
 
+    def mode_in(self, tx: Tx, ino: int) -> int:
+        return self._get(tx, ino).mode
+
     def set_root_attributes(
         self, tx: Tx, mode: int, uid: int, gid: int, xattrs: tuple[tuple[bytes, bytes], ...]
     ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import stat
+from dataclasses import dataclass
 
 from casfs.errors import FsError
 from casfs.store.store import Tx
@@ -56,11 +57,28 @@ def materialize(fs: Filesystem, tx: Tx, entry: Entry, parent: int, name: bytes) 
     return top
 
 
+@dataclass(frozen=True)
+class Name:
+    """A live directory entry that restore or rollback removed or created (so the mount can
+    update the kernel's cache)."""
+
+    parent: int
+    name: bytes
+    ino: int
+    is_dir: bool
+
+
+def _removed(fs: Filesystem, tx: Tx, parent: int, name: bytes) -> Name:
+    ino = fs.lookup_in(tx, parent, name)
+    return Name(parent, name, ino, stat.S_ISDIR(fs.mode_in(tx, ino)))
+
+
 def restore(
     fs: Filesystem, tx: Tx, snapshot: bytes, path: bytes, dest: bytes | None, force: bool
-) -> int:
+) -> tuple[Name, Name | None]:
     """Copy ``path`` from a snapshot to ``dest`` (default: the same path) in the live tree.
-    An existing destination is replaced only with ``force``. Returns the new inode."""
+    An existing destination is replaced only with ``force``. Returns the new entry and the
+    one it replaced."""
     snap = snapshots.find(tx, snapshot)
     entry = resolve(fs, tx, snap.root, path)
     target = (dest if dest is not None else path).strip(b"/")
@@ -70,20 +88,22 @@ def restore(
     parent = ROOT_INO
     for d in dirs:
         parent = fs.lookup_in(tx, parent, d)
+    replaced = None
     if directory.find(tx, parent, name) is not None:
         if not force:
             raise FsError(errno.EEXIST, f"{target.decode(errors='replace')} exists (use --force)")
+        replaced = _removed(fs, tx, parent, name)
         fs.remove_tree(tx, parent, name)
-    return materialize(fs, tx, entry, parent, name)
+    ino = materialize(fs, tx, entry, parent, name)
+    return Name(parent, name, ino, entry.is_dir), replaced
 
 
-def rollback(fs: Filesystem, tx: Tx, snapshot: bytes) -> list[tuple[bytes, int]]:
-    """Make the live tree equal to the snapshot. Returns the root entries that were removed
-    (name, inode) so the mount can invalidate them in the kernel's cache."""
+def rollback(fs: Filesystem, tx: Tx, snapshot: bytes) -> list[Name]:
+    """Make the live tree equal to the snapshot. Returns the root entries that were removed."""
     snap = snapshots.find(tx, snapshot)
-    removed = [(name, child) for _, name, child in directory.entries(tx, ROOT_INO)]
-    for name, _ in removed:
-        fs.remove_tree(tx, ROOT_INO, name)
+    removed = [_removed(fs, tx, ROOT_INO, name) for _, name, _ in directory.entries(tx, ROOT_INO)]
+    for gone in removed:
+        fs.remove_tree(tx, ROOT_INO, gone.name)
     for child in treeobjects.load_tree(fs.store, tx, snap.root.digest).entries:
         materialize(fs, tx, child, ROOT_INO, child.name)
     root = snap.root
