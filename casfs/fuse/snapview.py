@@ -31,8 +31,9 @@ SNAPDIR_INO = (1 << ID_SHIFT) - 1
 SNAP_TIMEOUT = 3600.0  # snapshot content is immutable
 SNAPDIR_TIMEOUT = 1.0  # the list of snapshots changes
 BLKSIZE = 128 << 10
-CACHED_TREES = 256
-CACHED_MANIFESTS = 64
+# Decoded tree objects and manifests, bounded by entries (about 300 bytes each decoded): a
+# walk over many snapshots revisits the same directories, and readdir asks for each one twice.
+CACHED_ENTRIES = 100_000
 
 
 def is_snapshot_ino(ino: int) -> bool:
@@ -53,15 +54,29 @@ class Node:
 
 
 class _Lru(OrderedDict):
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
+    """Least recently used out first, bounded by the total ``weight`` of its values."""
 
-    def remember(self, key: bytes, value: object) -> None:
-        self[key] = value
+    def __init__(self, max_weight: int) -> None:
+        super().__init__()
+        self.max_weight = max_weight
+        self.weight = 0
+
+    def remember(self, key: bytes, value: object, weight: int) -> None:
+        if key in self:
+            self.move_to_end(key)
+            return
+        self[key] = (value, weight)
+        self.weight += weight
+        while self.weight > self.max_weight and len(self) > 1:
+            _, (_, w) = self.popitem(last=False)
+            self.weight -= w
+
+    def find(self, key: bytes) -> object | None:
+        found = self.get(key)
+        if found is None:
+            return None
         self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
+        return found[0]
 
 
 class SnapView:
@@ -70,8 +85,7 @@ class SnapView:
         self.store = store
         self.nodes: dict[int, Node] = {}
         self.deleted: set[int] = set()  # ids of snapshots deleted while the kernel held nodes
-        self._trees: _Lru = _Lru(CACHED_TREES)
-        self._manifests: _Lru = _Lru(CACHED_MANIFESTS)
+        self._decoded = _Lru(CACHED_ENTRIES)  # tree objects and manifests, by digest
 
     # -- attributes -------------------------------------------------------------------------
 
@@ -150,11 +164,11 @@ class SnapView:
         return ino
 
     def tree(self, digest: bytes) -> Tree:
-        tree = self._trees.get(digest)
+        tree = self._decoded.find(digest)
         if tree is None:
             with self.store.read() as tx:
                 tree = treeobjects.load_tree(self.store, tx, digest)
-            self._trees.remember(digest, tree)
+            self._decoded.remember(digest, tree, 1 + len(tree.entries))
         return tree
 
     def snapshot_list(self, after: int) -> list[tuple[int, snapshots.Snapshot]]:
@@ -166,10 +180,10 @@ class SnapView:
     def extents(self, tx: Tx, entry: Entry) -> list[Extent]:
         if not entry.digest:
             return list(entry.extents)
-        found = self._manifests.get(entry.digest)
+        found = self._decoded.find(entry.digest)
         if found is None:
             found = treeobjects.load_manifest(self.store, tx, entry.digest)
-            self._manifests.remember(entry.digest, found)
+            self._decoded.remember(entry.digest, found, 1 + len(found))
         return found
 
     # -- lifetime ---------------------------------------------------------------------------
