@@ -159,7 +159,7 @@ def test_delete_frees_exactly_what_only_the_snapshot_held(fs, tree):
 
 
 def test_bad_and_duplicate_names(fs, tree):
-    for bad in (b"", b".", b"..", b"a/b", b"x" * 256, b"new\nline"):
+    for bad in (b"", b".", b"..", b"a/b", b"x" * 256, b"new\nline", b"@live", b"@x"):
         assert errno_of(snap, fs, bad) in (errno.EINVAL, errno.ENAMETOOLONG)
     snap(fs, b"one")
     assert errno_of(snap, fs, b"one") == errno.EEXIST

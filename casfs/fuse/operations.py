@@ -418,6 +418,8 @@ class CasfsOperations(pyfuse3.Operations):
                 self.flusher.flush_soon(ino)
         if self.pins.closed(ino):
             self._unpinned(ino)
+        elif is_snapshot_ino(ino) and ino not in self.pins.opens:
+            self.snaps.evict(ino)  # of a deleted snapshot: let the kernel forget it
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:

@@ -80,6 +80,7 @@ class SnapshotService:
             self.ops.flusher.commit(durable=True)
         # not deleted=: the kernel refuses that for a directory still in use
         pyfuse3.invalidate_entry_async(SNAPDIR_INO, name, ignore_enoent=True)
+        self.ops.snaps.evict_deleted(snap.id, lambda ino: ino in self.ops.pins.opens)
         log.info("deleted snapshot %r", name)
         return snap
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import stat
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -200,6 +201,19 @@ class SnapView:
         for node in self.nodes.values():
             if node.sid == snap.id and not node.pinned:
                 self._pin(tx, node)
+
+    def evict(self, ino: int) -> None:
+        """Ask the kernel to drop its cached name for a pinned node nothing has open: its
+        forget then frees what only the deleted snapshot held. Otherwise the name may stay
+        cached (and the space held) until memory pressure or the next mount."""
+        node = self.nodes.get(ino)
+        if node is not None and node.pinned and node.entry.name:
+            pyfuse3.invalidate_entry_async(node.parent, node.entry.name, ignore_enoent=True)
+
+    def evict_deleted(self, sid: int, is_open: Callable[[int], bool]) -> None:
+        for ino, node in list(self.nodes.items()):
+            if node.sid == sid and not is_open(ino):
+                self.evict(ino)
 
     def _pin(self, tx: Tx, node: Node) -> None:
         node.pinned = node.entry.refs()

@@ -25,6 +25,7 @@ from casfs.tree.treeobjects import Entry, Totals
 
 _HEAD = struct.Struct(">Qq")  # id, created (ns)
 MAX_ID = (1 << 24) - 1  # snapshot ids share 24 bits of an inode number with the live ino
+LIVE = b"@live"  # the live tree, where a snapshot name is asked for (diff)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ def check_snapshot_name(name: bytes) -> None:
         raise FsError(errno.EINVAL, f"invalid snapshot name {name!r}")
     if any(c < 0x20 or c == 0x7F or c == 0x2F for c in name):
         raise FsError(errno.EINVAL, f"snapshot name {name!r} has '/' or a control character")
+    if name.startswith(b"@"):
+        raise FsError(errno.EINVAL, "names starting with '@' are reserved (@live: the live tree)")
 
 
 def get(tx: Tx, name: bytes) -> Snapshot | None:
@@ -95,9 +98,6 @@ def live_root(tx: Tx, merkle: LiveDigests) -> tuple[Entry, Totals]:
     digest, totals = merkle.build(tx)
     root = Inode.unpack(layout.ROOT_INO, tx.get(b"inodes", layout.ino_key(layout.ROOT_INO)))
     return entry_of(tx, root, b"", digest=digest), totals
-
-
-LIVE = b"@live"
 
 
 def root_of(tx: Tx, merkle: LiveDigests, name: bytes) -> Entry:
