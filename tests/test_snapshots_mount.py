@@ -880,16 +880,18 @@ def test_rollback_through_the_mount(mounted: CasfsMount):
         assert os.getxattr(m, "user.root") == b"at snapshot"
         assert "user.extra" not in os.listxattr(m)
 
-        # the old handles still work, on the old (now unlinked) inodes
+        # old handles still work: a file the snapshot has is the same inode, put back in
+        # place (its handle reads the snapshot's bytes); a file it lacks is unlinked
         assert head + pread_all(rfd, len(reader_data), 1000) == reader_data
+        assert os.fstat(root_fd).st_nlink == 1
+        assert pread_all(root_fd, 100, 0) == b"root level"
         os.write(wfd, b"still writable")
-        os.write(root_fd, b" and more")
-        assert os.fstat(root_fd).st_nlink == 0
+        assert os.fstat(wfd).st_nlink == 0
         assert os.listdir(dfd) == []
     finally:
         for fd in (rfd, wfd, root_fd, dfd):
             os.close(fd)
-    assert_same_tree(snap, m)  # nothing written through old handles shows up
+    assert_same_tree(snap, m)  # nothing written through the unlinked file's handle shows up
     assert read_file(m / "root_file") == b"root level"
     assert read_file(m / "a" / "b" / "reader") == reader_data
 

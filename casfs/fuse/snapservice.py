@@ -106,11 +106,12 @@ class SnapshotService:
     async def rollback(self, name: bytes) -> None:
         async with self._lock:
             await self.ops.flusher.drain()
-            removed = self.store.run_write(lambda tx: restore.rollback(self.fs, tx, name))
+            removed, changed = self.store.run_write(lambda tx: restore.rollback(self.fs, tx, name))
             self.ops.flusher.commit(durable=True)
         for gone in removed:
             self._forget_name(gone)
-        self._refresh_attributes(ROOT_INO)
+        for ino in changed | {ROOT_INO}:
+            self._refresh(ino, attr_only=False)
         log.info("rolled back to snapshot %r", name)
 
     async def restore(self, name: bytes, path: bytes, dest: bytes | None, force: bool) -> None:
@@ -124,7 +125,7 @@ class SnapshotService:
             self._forget_name(replaced)
         else:  # the kernel may hold a negative entry for the new name
             pyfuse3.invalidate_entry_async(made.parent, made.name, ignore_enoent=True)
-        self._refresh_attributes(made.parent)
+        self._refresh(made.parent)
 
     @staticmethod
     def _forget_name(gone: restore.Name) -> None:
@@ -135,10 +136,11 @@ class SnapshotService:
         pyfuse3.invalidate_entry_async(gone.parent, gone.name, deleted=deleted, ignore_enoent=True)
 
     @staticmethod
-    def _refresh_attributes(ino: int) -> None:
-        """The directory's link count and times changed behind the kernel's back. (Called
-        from the control socket, never inside a request for ``ino``: it cannot deadlock.)"""
+    def _refresh(ino: int, attr_only: bool = True) -> None:
+        """``ino`` changed behind the kernel's back: drop its cached attributes (and pages).
+        (Called from the control socket, never inside a request for ``ino``, and the mount
+        has no writeback cache: it cannot deadlock.)"""
         try:
-            pyfuse3.invalidate_inode(ino, attr_only=True)
+            pyfuse3.invalidate_inode(ino, attr_only=attr_only)
         except OSError:
             pass  # the kernel does not know it

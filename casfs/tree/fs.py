@@ -26,7 +26,7 @@ from casfs.store import layout
 from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store, Tx
 from casfs.tree import directory, parents, treeobjects, writer
-from casfs.tree.content import Content
+from casfs.tree.content import Content, Extent
 from casfs.tree.merkle import LiveDigests
 from casfs.tree.records import NAME_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, Inode
 from casfs.tree.treeobjects import Entry
@@ -605,13 +605,7 @@ class Filesystem:
         for key, value in entry.xattrs:
             tx.put(b"xattrs", layout.xattr_key(inode.ino, key), value)
         if entry.is_reg:
-            extents = entry.extents
-            if entry.digest:
-                extents = treeobjects.load_manifest(self.store, tx, entry.digest)
-            for e in extents:
-                tx.put(b"extents", layout.extent_key(inode.ino, e.offset),
-                       layout.extent_value(e.digest, e.length))  # fmt: skip
-                self.store.add_ref(tx, e.digest, None, e.length)
+            self._put_extents(tx, inode.ino, self._snapshot_extents(tx, entry))
         inode = inode.but(
             mode=entry.mode,
             gid=entry.gid,
@@ -621,6 +615,59 @@ class Filesystem:
             mtime_ns=entry.mtime_ns,
         )
         return self._put(tx, inode)
+
+    def _snapshot_extents(self, tx: Tx, entry: Entry) -> list[Extent]:
+        if entry.digest:
+            return treeobjects.load_manifest(self.store, tx, entry.digest)
+        return list(entry.extents)
+
+    def _put_extents(self, tx: Tx, ino: int, extents: list[Extent]) -> None:
+        for e in extents:
+            tx.put(b"extents", layout.extent_key(ino, e.offset),
+                   layout.extent_value(e.digest, e.length))  # fmt: skip
+            self.store.add_ref(tx, e.digest, None, e.length)
+
+    def is_linkable(self, tx: Tx, ino: int, mode: int) -> bool:
+        """Whether ``ino`` is a live non-directory of ``mode``'s type that may get a name."""
+        data = tx.get(b"inodes", layout.ino_key(ino))
+        if data is None:
+            return False
+        inode = Inode.unpack(ino, data)
+        return inode.nlink > 0 and not inode.is_dir and stat.S_IFMT(inode.mode) == stat.S_IFMT(mode)
+
+    def reset(self, tx: Tx, ino: int, entry: Entry) -> bool:
+        """Make live inode ``ino`` (the one ``entry`` was taken from) equal to the entry again:
+        attributes, xattrs and content. What is already equal is not written, so unchanged
+        inodes keep their cached digests. True when something changed."""
+        inode = self._get(tx, ino)
+        rows = list(tx.prefix(b"xattrs", layout.ino_key(ino)))
+        if tuple((key[8:], value) for key, value in rows) != entry.xattrs:
+            for key, _ in rows:
+                tx.delete(b"xattrs", key)
+            for key, value in entry.xattrs:
+                tx.put(b"xattrs", layout.xattr_key(ino, key), value)
+            inode = inode.but(ctime_ns=now_ns())
+        data_bytes = inode.data_bytes
+        if inode.is_reg:
+            extents = self._snapshot_extents(tx, entry)
+            if self.content.extents(tx, ino) != extents:
+                self.content.drop_all(tx, ino)
+                self._put_extents(tx, ino, extents)
+                self._content_changed(tx, ino)
+                data_bytes = entry.data_bytes
+        want = inode.but(
+            mode=entry.mode,
+            uid=entry.uid,
+            gid=entry.gid,
+            size=entry.size,
+            atime_ns=entry.atime_ns,
+            mtime_ns=entry.mtime_ns,
+            data_bytes=data_bytes,
+        )
+        if want == self._get(tx, ino):
+            return False
+        self._put(tx, want)
+        return True
 
     def add_name(self, tx: Tx, ino: int, parent: int, name: bytes) -> Inode:
         """One more hard link, inside the caller's transaction."""
@@ -632,16 +679,6 @@ class Filesystem:
 
     def mode_in(self, tx: Tx, ino: int) -> int:
         return self._get(tx, ino).mode
-
-    def set_root_attributes(
-        self, tx: Tx, mode: int, uid: int, gid: int, xattrs: tuple[tuple[bytes, bytes], ...]
-    ) -> None:
-        root = self._get(tx, ROOT_INO)
-        for key, _ in list(tx.prefix(b"xattrs", layout.ino_key(ROOT_INO))):
-            tx.delete(b"xattrs", key)
-        for key, value in xattrs:
-            tx.put(b"xattrs", layout.xattr_key(ROOT_INO, key), value)
-        self._put(tx, root.but(mode=mode, uid=uid, gid=gid, ctime_ns=now_ns()))
 
     def set_times(self, tx: Tx, ino: int, atime_ns: int, mtime_ns: int) -> None:
         self._put(tx, self._get(tx, ino).but(atime_ns=atime_ns, mtime_ns=mtime_ns))

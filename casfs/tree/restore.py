@@ -33,9 +33,18 @@ def resolve(fs: Filesystem, tx: Tx, root: Entry, path: bytes) -> Entry:
     return entry
 
 
-def materialize(fs: Filesystem, tx: Tx, entry: Entry, parent: int, name: bytes) -> int:
-    """Create ``entry`` (and its subtree) as ``parent``/``name``; returns the new inode."""
-    links: dict[int, int] = {}  # snapshot ino -> new live ino, for hard links
+def materialize(
+    fs: Filesystem,
+    tx: Tx,
+    entry: Entry,
+    parent: int,
+    name: bytes,
+    links: dict[int, int] | None = None,
+) -> int:
+    """Create ``entry`` (and its subtree) as ``parent``/``name``; returns the new inode.
+    ``links`` maps snapshot inode numbers to the live inodes already made for them (hard
+    links), and is updated."""
+    links = {} if links is None else links
     dirs: list[tuple[int, Entry]] = []
     top = 0
     stack = [(parent, name, entry)]
@@ -98,16 +107,54 @@ def restore(
     return Name(parent, name, ino, entry.is_dir), replaced
 
 
-def rollback(fs: Filesystem, tx: Tx, snapshot: bytes) -> list[Name]:
-    """Make the live tree equal to the snapshot. Returns the root entries that were removed."""
+def rollback(fs: Filesystem, tx: Tx, snapshot: bytes) -> tuple[list[Name], set[int]]:
+    """Make the live tree equal to the snapshot, changing only what differs.
+
+    Both trees are walked together from the root. A live directory whose cached digest equals
+    the snapshot's is equal down to its inode numbers and is skipped; an entry that still
+    names the inode it named in the snapshot is reset in place (:meth:`Filesystem.reset`),
+    keeping its inode number (so the kernel's caches and open files stay valid); any other
+    name is removed, and what the snapshot has there is linked (a hard link whose inode is
+    still live) or created anew. Returns the entries removed and the inodes changed in place
+    (the mount drops the kernel's cached pages of those)."""
     snap = snapshots.find(tx, snapshot)
-    removed = [_removed(fs, tx, ROOT_INO, name) for _, name, _ in directory.entries(tx, ROOT_INO)]
-    for gone in removed:
-        fs.remove_tree(tx, ROOT_INO, gone.name)
-    for child in treeobjects.load_tree(fs.store, tx, snap.root.digest).entries:
-        materialize(fs, tx, child, ROOT_INO, child.name)
-    root = snap.root
-    fs.set_root_attributes(tx, root.mode, root.uid, root.gid, root.xattrs)
-    fs.set_times(tx, ROOT_INO, root.atime_ns, root.mtime_ns)
-    assert stat.S_ISDIR(root.mode)
-    return removed
+    fs.merkle.build(tx)
+    removed: list[Name] = []
+    changed: set[int] = set()
+    links: dict[int, int] = {}  # snapshot ino -> live ino holding its content now
+    reset: list[tuple[int, Entry]] = []  # directories to give the snapshot's attributes last
+    stack: list[tuple[int, Entry]] = [(ROOT_INO, snap.root)]
+    while stack:
+        ino, want = stack.pop()
+        reset.append((ino, want))
+        cached = fs.merkle.cached(tx, ino)
+        if cached is not None and cached[0] == want.digest:
+            continue  # equal subtree
+        tree = treeobjects.load_tree(fs.store, tx, want.digest)
+        for _, name, child in list(directory.entries(tx, ino)):
+            e = tree.find(name)
+            if e is None or e.ino != child or links.get(e.ino, child) != child:
+                removed.append(_removed(fs, tx, ino, name))
+                fs.remove_tree(tx, ino, name)
+        for e in tree.entries:
+            child = directory.find(tx, ino, e.name)
+            if child is not None:  # the same inode as in the snapshot
+                if e.is_dir:
+                    stack.append((child, e))
+                elif e.ino not in links:
+                    links[e.ino] = child
+                    if fs.reset(tx, child, e):
+                        changed.add(child)
+                continue
+            if not e.is_dir and e.ino not in links and fs.is_linkable(tx, e.ino, e.mode):
+                links[e.ino] = e.ino
+                if fs.reset(tx, e.ino, e):
+                    changed.add(e.ino)
+            if not e.is_dir and e.ino in links:
+                fs.add_name(tx, links[e.ino], ino, e.name)
+            else:
+                materialize(fs, tx, e, ino, e.name, links)
+    for ino, e in reversed(reset):  # children first: their changes moved the times
+        if fs.reset(tx, ino, e):
+            changed.add(ino)
+    return removed, changed
