@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from casfs.errors import FsError
@@ -40,19 +41,23 @@ def materialize(
     parent: int,
     name: bytes,
     links: dict[int, int] | None = None,
+    reuse: Callable[[Entry], int | None] | None = None,
 ) -> int:
     """Create ``entry`` (and its subtree) as ``parent``/``name``; returns the new inode.
-    ``links`` maps snapshot inode numbers to the live inodes already made for them (hard
-    links), and is updated."""
+    Hard links stay hard links: ``links`` maps snapshot inode numbers to the live inodes
+    that hold them (updated here). ``reuse`` may name such a live inode when ``links`` does
+    not have it yet (rollback: the file's own inode, if it is still live)."""
     links = {} if links is None else links
     dirs: list[tuple[int, Entry]] = []
     top = 0
     stack = [(parent, name, entry)]
     while stack:
         p, n, e = stack.pop()
-        if not e.is_dir and e.ino in links:
-            fs.add_name(tx, links[e.ino], p, n)
-            continue
+        if not e.is_dir:
+            target = reuse(e) if reuse is not None else links.get(e.ino)
+            if target is not None:
+                fs.add_name(tx, target, p, n)
+                continue
         ino = fs.place(tx, p, n, e).ino
         top = top or ino
         if e.is_dir:
@@ -122,6 +127,16 @@ def rollback(fs: Filesystem, tx: Tx, snapshot: bytes) -> tuple[list[Name], set[i
     removed: list[Name] = []
     changed: set[int] = set()
     links: dict[int, int] = {}  # snapshot ino -> live ino holding its content now
+
+    def live_for(e: Entry) -> int | None:
+        """The live inode that holds snapshot file ``e`` now: the one it was, reset on first
+        use, while it still has a name. (So a snapshot inode never gets two live copies.)"""
+        if e.ino not in links and fs.is_linkable(tx, e.ino, e.mode):
+            links[e.ino] = e.ino
+            if fs.reset(tx, e.ino, e):
+                changed.add(e.ino)
+        return links.get(e.ino)
+
     reset: list[tuple[int, Entry]] = []  # directories to give the snapshot's attributes last
     stack: list[tuple[int, Entry]] = [(ROOT_INO, snap.root)]
     while stack:
@@ -133,7 +148,7 @@ def rollback(fs: Filesystem, tx: Tx, snapshot: bytes) -> tuple[list[Name], set[i
         tree = treeobjects.load_tree(fs.store, tx, want.digest)
         for _, name, child in list(directory.entries(tx, ino)):
             e = tree.find(name)
-            if e is None or e.ino != child or links.get(e.ino, child) != child:
+            if e is None or e.ino != child:
                 removed.append(_removed(fs, tx, ino, name))
                 fs.remove_tree(tx, ino, name)
         for e in tree.entries:
@@ -141,19 +156,14 @@ def rollback(fs: Filesystem, tx: Tx, snapshot: bytes) -> tuple[list[Name], set[i
             if child is not None:  # the same inode as in the snapshot
                 if e.is_dir:
                     stack.append((child, e))
-                elif e.ino not in links:
-                    links[e.ino] = child
-                    if fs.reset(tx, child, e):
-                        changed.add(child)
+                else:
+                    live_for(e)
                 continue
-            if not e.is_dir and e.ino not in links and fs.is_linkable(tx, e.ino, e.mode):
-                links[e.ino] = e.ino
-                if fs.reset(tx, e.ino, e):
-                    changed.add(e.ino)
-            if not e.is_dir and e.ino in links:
-                fs.add_name(tx, links[e.ino], ino, e.name)
+            target = None if e.is_dir else live_for(e)
+            if target is not None:
+                fs.add_name(tx, target, ino, e.name)
             else:
-                materialize(fs, tx, e, ino, e.name, links)
+                materialize(fs, tx, e, ino, e.name, links, live_for)
     for ino, e in reversed(reset):  # children first: their changes moved the times
         if fs.reset(tx, ino, e):
             changed.add(ino)
