@@ -395,6 +395,36 @@ def no_mount_left_behind(tmp_path_factory):
     )
 
 
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def write_file(path: os.PathLike | str | bytes, data: bytes, mode: int = 0o644) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        write_all(fd, data)
+    finally:
+        os.close(fd)
+
+
+def read_file(path: os.PathLike | str | bytes) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def pread_all(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset`` (fewer only at the end of the file)."""
+    out = bytearray()
+    while len(out) < length:
+        chunk = os.pread(fd, length - len(out), offset + len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
 def errno_of(fn, *args, **kwargs) -> int:
     """The errno an OS call fails with (0 when it succeeds)."""
     try:

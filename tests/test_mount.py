@@ -25,9 +25,12 @@ from conftest import (
     casfs_cli,
     errno_of,
     is_mounted,
+    pread_all,
+    read_file,
     renameat2,
     tree_digest,
     wait_gone,
+    write_file,
 )
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -39,37 +42,12 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
-def write_file(path: os.PathLike | str | bytes, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-
-
-def read_file(path: os.PathLike | str | bytes) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
 def fsync_path(path: os.PathLike | str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def pread_all(fd: int, length: int, offset: int) -> bytes:
-    out = bytearray()
-    while len(out) < length:
-        chunk = os.pread(fd, length - len(out), offset + len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
 
 
 def sha256_file(path: os.PathLike | str) -> str:

@@ -23,8 +23,12 @@ from conftest import (
     assert_same_tree,
     casfs_cli,
     errno_of,
+    pread_all,
+    read_file,
     renameat2,
     tree_digest,
+    write_all,
+    write_file,
 )
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -33,35 +37,6 @@ RENAME_EXCHANGE = 2
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def write_file(path: os.PathLike | str | bytes, data: bytes, mode: int = 0o644) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        write_all(fd, data)
-    finally:
-        os.close(fd)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def read_file(path: os.PathLike | str | bytes) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def pread_all(fd: int, length: int, offset: int) -> bytes:
-    out = bytearray()
-    while len(out) < length:
-        chunk = os.pread(fd, length - len(out), offset + len(out))
-        if not chunk:
-            break
-        out += chunk
-    return bytes(out)
 
 
 def poll(predicate, timeout: float = 8.0, interval: float = 0.1) -> bool:

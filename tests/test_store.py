@@ -277,6 +277,18 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def _fill(path) -> None:
+    """Take every free byte of the filesystem holding ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
 def test_full_disk_is_enospc_and_store_survives(small_disk):
     s = new_store(small_disk / "s")
     fs = Filesystem(s)
@@ -295,8 +307,10 @@ def test_full_disk_is_enospc_and_store_survives(small_disk):
         report = fsck(s)
         # the half-written last file may exist empty, which is consistent
         assert report.clean, report.problems
+        _fill(small_disk / "filler")  # not a byte left, even for the delete's new pages
         for i in range(len(written) // 2):  # deleting makes room again
             fs.unlink(ROOT_INO, f"f{i}".encode())
+        os.unlink(small_disk / "filler")
         node = fs.create(ROOT_INO, b"again", 0o644, 0, 0)
         fs.write(node.ino, 0, os.urandom(1 << 20))
         assert fsck(s).clean

@@ -12,6 +12,8 @@ Store directory
 ``data.mdb``           the LMDB environment (all databases below)
 ``lock.mdb``           LMDB's reader table
 ``casfs.lock``         ``flock`` held by the one writer process; holds its PID as text
+``reserve``            1 MiB of disk held back, given up so a delete can commit on a full
+                       disk (see ``Store._hold_reserve``)
 =====================  ==================================================================
 
 LMDB databases
@@ -64,6 +66,7 @@ import struct
 FORMAT_VERSION = 2
 MARKER_FILE = "casfs-store.json"
 LOCK_FILE = "casfs.lock"
+RESERVE_FILE = "reserve"
 
 DIGEST_SIZE = 32
 ROOT_INO = 1

@@ -161,6 +161,11 @@ def _lmdb_failure(exc: lmdb.Error, path: str) -> CasfsError:
     return StoreError(f"store {path}: database error ({text})")
 
 
+# Disk held back for small transactions (deletes) on a full disk; see Store._hold_reserve.
+RESERVE_BYTES = 1 << 20
+RESERVE_TX_BYTES = 256 << 10
+
+
 def _disk_nearly_full(path: str) -> bool:
     try:
         st = os.statvfs(path)
@@ -244,6 +249,9 @@ class Store:
             self.close()
             raise StoreError(f"store {self.path}: database does not match its marker file")
         self.codec = Codec(zstd_level)
+        self._reserve_held = False
+        if writer:
+            self._hold_reserve()
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -417,9 +425,15 @@ class Store:
                 self._grow(force=True)
                 continue
             except lmdb.Error as exc:
+                failure = _lmdb_failure(exc, self.path)
                 if self._batch is not None:
                     self._drop_batch()
-                raise _lmdb_failure(exc, self.path) from None
+                elif isinstance(failure, NoSpace) and tx.written <= RESERVE_TX_BYTES:
+                    if self._give_up_reserve():
+                        continue  # a delete or rename on a full disk: the reserve makes room
+                raise failure from None
+            if not self._reserve_held and self._batch is None:
+                self._hold_reserve()
             return result
         raise NoSpace(f"store {self.path}: the database map cannot grow")
 
@@ -491,6 +505,41 @@ class Store:
         finally:
             if reopen and self._batch is None:
                 self.begin_batch()
+
+    def _hold_reserve(self) -> None:
+        """Keep RESERVE_BYTES of the disk in a file of the store's. LMDB writes every change
+        to new pages, so on a full disk even a delete cannot commit; the reserve is given
+        up for such a small transaction (:meth:`run_write`), and taken again once there is
+        room: deleting files always makes room, as on a filesystem with reserved blocks."""
+        path = os.path.join(self.path, layout.RESERVE_FILE)
+        try:
+            if os.path.getsize(path) >= RESERVE_BYTES:
+                self._reserve_held = True
+                return
+        except OSError:
+            pass
+        try:
+            st = os.statvfs(self.path)
+            if st.f_bavail * st.f_frsize < 4 * RESERVE_BYTES:
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_BYTES)
+            finally:
+                os.close(fd)
+            self._reserve_held = True
+        except OSError:
+            pass  # no room yet: try again after a later commit
+
+    def _give_up_reserve(self) -> bool:
+        if not self._reserve_held:
+            return False
+        self._reserve_held = False
+        try:
+            os.unlink(os.path.join(self.path, layout.RESERVE_FILE))
+        except OSError:
+            return False
+        return True
 
     def sync(self) -> None:
         """Flush the data file, meta page included, to disk. The environment is opened with
