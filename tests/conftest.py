@@ -425,6 +425,17 @@ def pread_all(fd: int, length: int, offset: int) -> bytes:
     return bytes(out)
 
 
+def poll(predicate, timeout: float = 8.0, interval: float = 0.1) -> bool:
+    """Whether ``predicate()`` became true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+
+
 def errno_of(fn, *args, **kwargs) -> int:
     """The errno an OS call fails with (0 when it succeeds)."""
     try:

@@ -101,6 +101,16 @@ def _logged(log: str) -> dict[str, str]:
     return out
 
 
+def fsck_after_kill(mounted: CasfsMount, rnd: int) -> int:
+    """Offline, before any mount: the store is consistent; unlinked-but-open files wait as
+    orphans (notes, not problems), which the next mount frees. Returns how many."""
+    r = mounted.fsck("--json")
+    report = json.loads(r.stdout)
+    assert r.returncode == 0 and report["clean"], f"round {rnd}: fsck after kill -9: {report}"
+    assert {n["kind"] for n in report["notes"]} <= {"orphan"}
+    return len(report["notes"])
+
+
 def test_kill_9_loses_no_fsynced_data(mounted: CasfsMount, tmp_path):
     rng = random.Random(SEED)
     log = str(tmp_path / "fsync.log")
@@ -139,13 +149,7 @@ def test_kill_9_loses_no_fsynced_data(mounted: CasfsMount, tmp_path):
             writer.stderr.close()
         assert wait_gone(writer.pid)
 
-        # Offline, before any mount: consistent; unlinked-but-open files wait as orphans
-        # (notes, not problems), which the next mount frees.
-        r = mounted.fsck("--json")
-        report = json.loads(r.stdout)
-        assert r.returncode == 0 and report["clean"], f"round {rnd}: fsck after kill -9: {report}"
-        assert {n["kind"] for n in report["notes"]} <= {"orphan"}
-        orphans += len(report["notes"])
+        orphans += fsck_after_kill(mounted, rnd)
 
         mounted.mount()
         logged = _logged(log)

@@ -25,6 +25,7 @@ from conftest import (
     casfs_cli,
     errno_of,
     is_mounted,
+    poll,
     pread_all,
     read_file,
     renameat2,
@@ -56,16 +57,6 @@ def sha256_file(path: os.PathLike | str) -> str:
         while block := f.read(MiB):
             h.update(block)
     return h.hexdigest()
-
-
-def poll(predicate, timeout: float = 8.0, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def as_nobody(cwd: os.PathLike | str, code: str) -> dict:

@@ -23,6 +23,7 @@ from conftest import (
     assert_same_tree,
     casfs_cli,
     errno_of,
+    poll,
     pread_all,
     read_file,
     renameat2,
@@ -37,16 +38,6 @@ RENAME_EXCHANGE = 2
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def poll(predicate, timeout: float = 8.0, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def cli_ok(*args: str | os.PathLike) -> subprocess.CompletedProcess:
