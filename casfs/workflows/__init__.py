@@ -1,0 +1,1 @@
+"""Workflows that do not start from a mounted tree: import, export, retention, compaction."""
