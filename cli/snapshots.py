@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from casfs.errors import CasfsError, StoreError
@@ -23,6 +23,8 @@ from casfs.store import layout
 from casfs.store.store import Store
 from casfs.tree import diff, restore, snapshots
 from casfs.tree.fs import Filesystem
+from casfs.workflows import importer
+from casfs.workflows.importer import Progress
 from casfs_cli.format import human_bytes
 
 CONTROL_TIMEOUT = 3600.0  # a rollback of a huge tree may take a while
@@ -35,7 +37,9 @@ class MountTarget:
         self.store = store
         self.mountpoint = mountpoint
 
-    def call(self, op: str, **args: Any) -> Any:
+    def call(self, op: str, on_progress: Callable[[dict], None] | None = None, **args: Any) -> Any:
+        """Send one request; progress lines that come before the reply go to
+        ``on_progress``."""
         request = json.dumps({"op": op, **args}).encode() + b"\n"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CONTROL_TIMEOUT)
@@ -48,13 +52,15 @@ class MountTarget:
                     f"try: casfs umount {self.mountpoint})"
                 ) from None
             sock.sendall(request)
-            data = b""
-            while not data.endswith(b"\n"):
-                more = sock.recv(1 << 20)
-                if not more:
+            with sock.makefile("rb") as lines:
+                for line in lines:
+                    reply = json.loads(line)
+                    if "progress" not in reply:
+                        break
+                    if on_progress is not None:
+                        on_progress(reply["progress"])
+                else:
                     raise CasfsError(f"the mount at {self.mountpoint} closed the connection")
-                data += more
-        reply = json.loads(data)
         if not reply["ok"]:
             raise CasfsError(reply["error"], reply.get("errno"))
         return reply["result"]
@@ -77,6 +83,25 @@ class MountTarget:
     def restore(self, name: bytes, path: bytes, dest: bytes | None, force: bool) -> None:
         d = os.fsdecode(dest) if dest is not None else None
         self.call("restore", name=os.fsdecode(name), path=os.fsdecode(path), dest=d, force=force)
+
+    def import_tree(self, src: str, name: bytes, one_file_system: bool, progress) -> dict:
+        def show(p: dict) -> None:
+            if progress is not None:
+                progress(Progress(**{**p, "path": os.fsencode(p["path"])}))
+
+        return self.call(
+            "import", show, src=src, name=os.fsdecode(name), one_file_system=one_file_system
+        )
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Store]:
+        """The store opened read-only beside its mount (LMDB readers never block the
+        writer, and a read transaction sees one point in time)."""
+        store = Store(self.store, writer=False)
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 class StoreTarget:
@@ -122,6 +147,16 @@ class StoreTarget:
 
     def restore(self, name: bytes, path: bytes, dest: bytes | None, force: bool) -> None:
         self._write(lambda tx: restore.restore(self.fs, tx, name, path, dest, force))
+
+    def import_tree(self, src: str, name: bytes, one_file_system: bool, progress) -> dict:
+        result = importer.import_offline(
+            self.store, src, name, one_file_system=one_file_system, progress=progress
+        )
+        return result.describe()
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Store]:
+        yield self.store
 
 
 @contextlib.contextmanager

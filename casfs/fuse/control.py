@@ -5,7 +5,8 @@ A Unix socket ``control.sock`` in the store directory. The directory is 0700, an
 also checks the caller's uid (``SO_PEERCRED``): only root and the mount's owner get an
 answer. One request per connection: a JSON object with an ``op`` and its arguments, answered
 by one JSON line ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": ..., "errno":
-...}``. Names and paths travel as ``os.fsdecode`` strings, so any bytes survive.
+...}``; a long operation (import) sends ``{"progress": ...}`` lines before it. Names and
+paths travel as ``os.fsdecode`` strings, so any bytes survive.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from casfs.errors import CasfsError
+from casfs.fuse import importservice
 from casfs.tree import snapshots
 
 if TYPE_CHECKING:
@@ -79,6 +81,9 @@ class ControlServer:
             "rollback": self._rollback,
             "restore": self._restore,
         }
+        # operations that report progress: called with the request and a sender of lines
+        self.streaming: dict[str, Callable[[dict, Callable[[dict], Awaitable[None]]], Awaitable]]
+        self.streaming = {"import": self._import}
 
     async def serve(self, listener: socket.socket) -> None:
         """Answer requests on ``listener`` (from :func:`listen`) until cancelled."""
@@ -116,10 +121,18 @@ class ControlServer:
             data += more
         try:
             request = json.loads(data)
-            handler = self.handlers[request["op"]]
+            op = request["op"]
+            if op not in self.streaming:
+                handler = self.handlers[op]
         except (ValueError, KeyError, TypeError):
             return {"ok": False, "error": "malformed request", "errno": errno.EINVAL}
+
+        async def send(line: dict) -> None:
+            await stream.send_all(json.dumps(line).encode() + b"\n")
+
         try:
+            if op in self.streaming:
+                return {"ok": True, "result": await self.streaming[op](request, send)}
             return {"ok": True, "result": await handler(request)}
         except CasfsError as exc:
             return {"ok": False, "error": str(exc), "errno": exc.errno}
@@ -141,6 +154,12 @@ class ControlServer:
 
     async def _rollback(self, r: dict) -> None:
         await self.ops.snapshots.rollback(_name(r["name"]))
+
+    async def _import(self, r: dict, send: Callable[[dict], Awaitable[None]]) -> dict:
+        result = await importservice.run_import(
+            self.ops, r["src"], _name(r["name"]), bool(r.get("one_file_system")), send
+        )
+        return result.describe()
 
     async def _restore(self, r: dict) -> None:
         dest = _name(r["dest"]) if r.get("dest") is not None else None

@@ -36,11 +36,11 @@ class SnapshotService:
         self.ops = ops
         self.store = ops.store
         self.fs = ops.fs
-        self._lock = trio.Lock()  # one snapshot-changing operation at a time
+        self.lock = trio.Lock()  # one snapshot-changing operation at a time
 
     async def create(self, name: bytes) -> snapshots.Snapshot:
         snapshots.check_snapshot_name(name)
-        async with self._lock:
+        async with self.lock:
             gate = self.ops.write_gate = trio.Event()
             try:
                 await self.ops.flusher.drain()
@@ -69,7 +69,7 @@ class SnapshotService:
                 started = time.monotonic()
 
     async def delete(self, name: bytes) -> snapshots.Snapshot:
-        async with self._lock:
+        async with self.lock:
 
             def run(tx):
                 snap = snapshots.find(tx, name)
@@ -91,7 +91,7 @@ class SnapshotService:
             return [(s, snapshots.exclusive_bytes(tx, self.store, s.root.digest)) for s in snaps]
 
     async def diff(self, old: bytes, new: bytes) -> list[diff.Change]:
-        async with self._lock:
+        async with self.lock:
             if snapshots.LIVE in (old, new):
                 await self.ops.flusher.drain()
                 await self._prepare()
@@ -104,7 +104,7 @@ class SnapshotService:
             return self.store.run_write(run)
 
     async def rollback(self, name: bytes) -> None:
-        async with self._lock:
+        async with self.lock:
             await self.ops.flusher.drain()
             removed, changed = self.store.run_write(lambda tx: restore.rollback(self.fs, tx, name))
             self.ops.flusher.commit(durable=True)
@@ -115,7 +115,7 @@ class SnapshotService:
         log.info("rolled back to snapshot %r", name)
 
     async def restore(self, name: bytes, path: bytes, dest: bytes | None, force: bool) -> None:
-        async with self._lock:
+        async with self.lock:
             await self.ops.flusher.drain()
             made, replaced = self.store.run_write(
                 lambda tx: restore.restore(self.fs, tx, name, path, dest, force)

@@ -427,7 +427,7 @@ class Store:
             except lmdb.Error as exc:
                 failure = _lmdb_failure(exc, self.path)
                 if self._batch is not None:
-                    self._drop_batch()
+                    self.abort_batch()
                 elif isinstance(failure, NoSpace) and tx.written <= RESERVE_TX_BYTES:
                     if self._give_up_reserve():
                         continue  # a delete or rename on a full disk: the reserve makes room
@@ -465,7 +465,7 @@ class Store:
             batch.txn.abort()
             raise _lmdb_failure(exc, self.path) from None
 
-    def _drop_batch(self) -> None:
+    def abort_batch(self) -> None:
         if self._batch is not None:
             self._batch.txn.abort()
             self._batch = None

@@ -107,15 +107,36 @@ def root_of(tx: Tx, merkle: LiveDigests, name: bytes) -> Entry:
 
 def create(tx: Tx, store: Store, merkle: LiveDigests, name: bytes, created_ns: int) -> Snapshot:
     """Record the live tree as it is in ``tx`` (one point in time) under ``name``."""
+    check_free(tx, name)
+    root, totals = live_root(tx, merkle)
+    return record(tx, store, name, root, totals, created_ns)
+
+
+def check_free(tx: Tx, name: bytes) -> None:
+    """``name`` may be given to a new snapshot."""
     check_snapshot_name(name)
     if tx.get(b"snapshots", name) is not None:
         raise FsError(errno.EEXIST, f"snapshot {name.decode(errors='replace')!r} exists")
-    root, totals = live_root(tx, merkle)
+
+
+def record(
+    tx: Tx,
+    store: Store,
+    name: bytes,
+    root: Entry,
+    totals: Totals,
+    created_ns: int,
+    take_ref: bool = True,
+) -> Snapshot:
+    """Name the tree under ``root`` as a snapshot. The record holds one reference on the root
+    tree object: a new one, or (``take_ref=False``) one the caller hands over."""
+    check_free(tx, name)
     sid = tx.get_u64(layout.META_NEXT_SNAPSHOT) or 1
     if sid > MAX_ID:
         raise FsError(errno.ENOSPC, "snapshot ids are used up")
     tx.put(b"meta", layout.META_NEXT_SNAPSHOT, layout.u64(sid + 1))
-    store.add_ref(tx, root.digest, None, 0)
+    if take_ref:
+        store.add_ref(tx, root.digest, None, 0)
     snap = Snapshot(name, sid, created_ns, root, totals)
     tx.put(b"snapshots", name, snap.pack())
     return snap
@@ -131,25 +152,32 @@ def delete(tx: Tx, store: Store, name: bytes) -> Snapshot:
 
 
 def pin(tx: Tx, store: Store, digests: list[bytes]) -> None:
-    """Hold one reference on each object for the kernel (``pins`` table; see
+    """Hold one reference on each object for the kernel or an import (``pins`` table; see
     :mod:`casfs.fuse.snapview`)."""
     for digest in digests:
         store.add_ref(tx, digest, None, 0)
-        tx.put(b"pins", digest, layout.u64(_pins(tx, digest) + 1))
+        adjust_pin(tx, digest, 1)
 
 
 def unpin(tx: Tx, store: Store, digests: list[bytes]) -> None:
     for digest in digests:
-        left = _pins(tx, digest) - 1
-        if left > 0:
-            tx.put(b"pins", digest, layout.u64(left))
-        else:
-            tx.delete(b"pins", digest)
+        adjust_pin(tx, digest, -1)
         treeobjects.release(store, tx, digest)
 
 
+def adjust_pin(tx: Tx, digest: bytes, delta: int) -> None:
+    """Count ``delta`` more references as held by pins (the caller takes or drops the
+    references themselves). Imports pin what they hold until a tree object takes it over."""
+    left = _pins(tx, digest) + delta
+    if left > 0:
+        tx.put(b"pins", digest, layout.u64(left))
+    else:
+        tx.delete(b"pins", digest)
+
+
 def drop_pins(tx: Tx, store: Store) -> int:
-    """Release every pin (at mount: the kernel that held them is gone). Returns how many."""
+    """Release every pin (at mount or an offline import: the kernel or import that held
+    them is gone). Returns how many."""
     rows = [(bytes(k), layout.read_u64(v)) for k, v in tx.prefix(b"pins", b"")]
     for digest, count in rows:
         tx.delete(b"pins", digest)

@@ -46,7 +46,7 @@ def _spans(base: int, lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _settled(base: int, lengths: list[int], size: int, max_chunk: int) -> list[tuple[int, int]]:
+def settled(base: int, lengths: list[int], size: int, max_chunk: int) -> list[tuple[int, int]]:
     """The leading chunks of a cut buffer whose ends do not depend on what follows the
     buffer: those that start at least ``max_chunk`` bytes before its end."""
     out = []
@@ -122,14 +122,14 @@ class Write:
             self.segments = []
             if head:
                 joined = bytes(head) + bytes(data[:reach])
-                kept = _settled(self.start, cut(joined), len(joined), reach // 2)
+                kept = settled(self.start, cut(joined), len(joined), reach // 2)
                 spans += kept
                 pos = kept[-1][0] + kept[-1][1]
                 self.segments.append((self.start, joined[: pos - self.start]))
             rest = data[pos - self.offset :]
             lengths = cut(rest)
             if tail:
-                kept = _settled(pos, lengths, len(rest), reach // 2)
+                kept = settled(pos, lengths, len(rest), reach // 2)
                 spans += kept
                 mid_end = kept[-1][0] + kept[-1][1]
                 self.segments.append((pos, rest[: mid_end - pos]))

@@ -1,0 +1,719 @@
+"""``casfs import``: a directory tree straight into a new snapshot, no FUSE round trip.
+
+The source is walked twice. The first walk (:func:`scan`) only takes its shape: names, lstat,
+and how many names each hard-linked inode has inside the source (a snapshot's ``st_nlink``).
+The second builds the snapshot children first: each file's content is cut exactly as a
+whole-file write through the mount would cut it (so import and mount deduplicate against
+each other), hashed and compressed on all cores, and each directory becomes a tree object.
+
+Store access goes through an :class:`Access`: offline it runs the store directly, in a mount
+it hops to the mount's thread (the store's one writer), so both run this same code.
+
+References: content and subtrees are stored as soon as they are read, before the tree object
+that will name them exists. Until then the import holds their reference itself and records it
+in the ``pins`` table (so a crash leaks nothing: pins are released at the next mount or
+import); the parent's tree object takes those references over. Changes are applied in groups
+of about GROUP_BYTES, one transaction each, while the next group is read and compressed.
+
+Incremental: :mod:`casfs.workflows.filescache` remembers, per source directory, each path's
+snapshot inode number and each file's (size, mtime, ctime, inode) and content. An unchanged
+file is not read again, and an unchanged tree yields the same tree objects as last time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+import stat
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from casfs.errors import CasfsError
+from casfs.store import layout
+from casfs.store.codec import digest_of
+from casfs.store.pipeline import Pipeline
+from casfs.store.store import Store, Tx
+from casfs.tree import snapshots, treeobjects
+from casfs.tree.content import Extent
+from casfs.tree.snapshots import Snapshot
+from casfs.tree.treeobjects import INLINE_EXTENTS, Entry, Totals
+from casfs.tree.writer import settled
+from casfs.workflows import filescache
+from casfs.workflows.filescache import Seen
+
+T = TypeVar("T")
+
+GROUP_BYTES = 16 << 20  # file bytes per applied group (and per compression batch)
+GROUP_OPS = 4096  # ... or this many changes, whichever comes first
+READ_BLOCK = 8 << 20
+PROGRESS_EVERY = 0.2  # seconds between progress reports
+
+
+@dataclass(frozen=True)
+class Access:
+    """How the import reaches the store: ``read(fn)`` and ``write(fn)`` run ``fn(tx)`` on the
+    store's thread, in a read or write transaction."""
+
+    read: Callable[[Callable[[Tx], Any]], Any]
+    write: Callable[[Callable[[Tx], Any]], Any]
+
+    @classmethod
+    def direct(cls, store: Store) -> Access:
+        def read(fn: Callable[[Tx], T]) -> T:
+            with store.read() as tx:
+                return fn(tx)
+
+        return cls(read, store.run_write)
+
+
+@dataclass
+class Progress:
+    files: int = 0
+    files_total: int = 0
+    bytes: int = 0
+    bytes_total: int = 0
+    path: bytes = b""
+
+
+@dataclass
+class ImportResult:
+    snapshot: dict = field(default_factory=dict)
+    files: int = 0
+    dirs: int = 0
+    bytes_total: int = 0  # logical bytes of the regular files
+    bytes_read: int = 0
+    bytes_new: int = 0  # stored (compressed) bytes of the objects this import added
+    files_unchanged: int = 0  # taken from the files cache without reading
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def describe(self) -> dict:
+        return dict(self.__dict__)
+
+
+# -- the first walk -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Node:
+    name: bytes
+    rel: bytes  # path below the source, '/'-separated, b"" for the source itself
+    st: os.stat_result
+    children: list[Node] | None = None  # a directory's, sorted by name
+    changed: bool = False  # a file that changed while it was read (not for the files cache)
+
+
+def scan(
+    src: bytes, warn: Callable[[str], None], one_file_system: bool = False
+) -> tuple[Node, Counter]:
+    """The source's tree of lstat results, and the names each (dev, ino) has inside it."""
+    root = Node(b"", b"", os.lstat(src), [])
+    names: Counter[tuple[int, int]] = Counter()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        path = _join(src, node.rel)
+        try:
+            fd = _open_noatime(path, os.O_DIRECTORY)
+        except OSError as exc:
+            warn(f"{os.fsdecode(path)}: cannot list ({exc.strerror}); imported as empty")
+            continue
+        try:
+            with os.scandir(fd) as it:
+                found = sorted(it, key=lambda d: os.fsencode(d.name))
+            listed = []
+            for d in found:
+                try:
+                    listed.append((os.fsencode(d.name), d.stat(follow_symlinks=False)))
+                except OSError as exc:
+                    warn(f"{os.fsdecode(path)}/{d.name}: {exc.strerror}; skipped")
+        except OSError as exc:
+            warn(f"{os.fsdecode(path)}: cannot list ({exc.strerror}); imported as empty")
+            continue
+        finally:
+            os.close(fd)
+        for name, st in listed:
+            rel = node.rel + b"/" + name if node.rel else name
+            child = Node(name, rel, st)
+            assert node.children is not None
+            node.children.append(child)
+            if stat.S_ISDIR(st.st_mode):
+                if one_file_system and st.st_dev != root.st.st_dev:
+                    continue  # a mountpoint: kept as an empty directory
+                child.children = []
+                stack.append(child)
+            elif st.st_nlink > 1:
+                names[(st.st_dev, st.st_ino)] += 1
+    return root, names
+
+
+def _join(src: bytes, rel: bytes) -> bytes:
+    return src + b"/" + rel if rel else src
+
+
+def _post_order(root: Node) -> Iterator[Node]:
+    """Directories, each after all the directories below it."""
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            yield node
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in reversed(node.children or ()) if c.children is not None)
+
+
+# -- changes to apply -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Object:
+    """A manifest or tree object that takes over the references of ``refs`` (held, pinned,
+    by the import) if it is new; if it exists already those are released instead."""
+
+    digest: bytes
+    kind: int
+    plain: bytes
+    refs: list[bytes]
+
+
+class _Group:
+    """Changes waiting for one transaction, in order: chunks to store and hold, existing
+    objects to hold again, and objects that take over held references."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, Any]] = []
+        self.plain: dict[bytes, memoryview | bytes] = {}  # chunks that may be new
+        self.bytes = 0
+        self.new: list[bytes] = []  # chunks the store did not have when the group was flushed
+        self.encoded: Future[list[bytes]] | None = None  # their values, being compressed
+
+    def full(self) -> bool:
+        return self.bytes >= GROUP_BYTES or len(self.ops) >= GROUP_OPS
+
+    def chunk(self, digest: bytes, data: memoryview | bytes) -> None:
+        self.ops.append(("chunk", (digest, len(data))))
+        self.plain.setdefault(digest, data)
+        self.bytes += len(data)
+
+    def hold(self, digests: list[bytes]) -> None:
+        self.ops.append(("hold", digests))
+
+    def obj(self, o: _Object) -> None:
+        self.ops.append(("object", o))
+
+
+# -- the import -----------------------------------------------------------------------------
+
+
+class Importer:
+    """One import of ``src`` into the store behind ``access``. ``run`` builds everything
+    but the snapshot record; ``record`` adds that (the mount does it under its snapshot
+    lock); ``abort`` gives back what a failed or cancelled import still holds."""
+
+    def __init__(
+        self,
+        store: Store,
+        access: Access,
+        pipeline: Pipeline,
+        src: str,
+        *,
+        one_file_system: bool = False,
+        progress: Callable[[Progress], None] | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.store = store
+        self.access = access
+        self.pipeline = pipeline
+        self.src = os.fsencode(os.path.realpath(src))
+        self.one_file_system = one_file_system
+        self.on_progress = progress
+        self.cancelled = cancelled
+        self.result = ImportResult()
+        self.progress = Progress()
+        self._reported = 0.0
+        self.held: Counter[bytes] = Counter()  # references the import holds (pinned)
+        self.seen: dict[bytes, Seen] = {}  # the files cache to save
+        self.root: Entry | None = None
+        self.group = _Group()  # changes being gathered
+        self.waiting: _Group | None = None  # gathered, compressing, applied at the next flush
+        self.totals = Totals()
+        self._started = time.monotonic()
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def check_source(self) -> None:
+        src = os.fsdecode(self.src)
+        if not os.path.exists(src):
+            raise CasfsError(f"{src} does not exist", errno.ENOENT)
+        if not os.path.isdir(src):
+            raise CasfsError(f"{src} is not a directory", errno.ENOTDIR)
+        store = os.path.realpath(self.store.path)
+        if store == src or store.startswith(src.rstrip("/") + "/"):
+            raise CasfsError(f"{src} contains the store itself; import a directory outside it")
+
+    # -- the walk -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.check_source()
+        last = filescache.load(self.store.path, self.src)
+        root, names = scan(self.src, self._warn, self.one_file_system)
+        self.progress.files_total = sum(1 for _ in _walk_files(root))
+        self.progress.bytes_total = sum(n.st.st_size for n in _walk_files(root) if _is_reg(n))
+        new_inos = sum(1 for n in _walk_all(root) if n.rel and n.rel not in last)
+        base = self.access.write(lambda tx: _reserve_inos(tx, new_inos))
+        self._inos = _InoGiver(last, base)
+        self._links: dict[tuple[int, int], tuple[int, Entry]] = {}  # first name's ino, entry
+        self._names = names
+        self._last = last
+        built: dict[bytes, tuple[Entry, Totals]] = {}  # finished subdirectories by rel path
+        for d in _post_order(root):
+            entries, totals = self._directory(d, built)
+            tree_plain = treeobjects.encode_tree(entries, totals)
+            digest = digest_of(tree_plain)
+            refs = [r for e in entries for r in e.refs()]
+            self.group.obj(_Object(digest, layout.KIND_TREE, tree_plain, refs))
+            ino = self._inos.give(d.rel) if d.rel else layout.ROOT_INO
+            self.seen[d.rel] = Seen(ino)
+            built[d.rel] = (self._entry(d, ino, digest=digest), totals)
+            for c in d.children or ():
+                built.pop(c.rel, None)
+            self._flush_if_full()
+        self._flush()
+        self._apply(self.waiting)
+        self.waiting = None
+        self.root, self.totals = built[b""]
+        self.result.dirs = self.totals.dirs
+        self.result.files = self.totals.files
+        self.result.bytes_total = self.totals.bytes
+        self._report(force=True)
+
+    def _directory(
+        self, d: Node, built: dict[bytes, tuple[Entry, Totals]]
+    ) -> tuple[list[Entry], Totals]:
+        """The entries of directory ``d`` (its subdirectories are built); its files' content
+        goes into the group being gathered."""
+        entries: list[Entry] = []
+        totals = Totals()
+        children = d.children or []
+        known = self._known_content(children)
+        for c in children:
+            if self.cancelled():
+                raise CasfsError("import cancelled", errno.EINTR)
+            if c.children is not None:
+                entry, sub = built[c.rel]
+                entries.append(entry)
+                totals += sub + Totals(dirs=1)
+                continue
+            entry = self._non_directory(c, known.get(c.rel))
+            if entry is None:
+                continue
+            entries.append(entry)
+            totals += Totals(files=1, bytes=c.st.st_size if _is_reg(c) else 0)
+            self.progress.files += 1
+            self.progress.path = c.rel
+            self._report()
+        return entries, totals
+
+    def _known_content(self, children: list[Node]) -> dict[bytes, Seen]:
+        """The files of ``children`` the files cache vouches for, whose objects the store
+        still holds (asked in one transaction)."""
+        maybe = {
+            c.rel: s
+            for c in children
+            if _is_reg(c) and (s := self._last.get(c.rel)) is not None and s.matches(c.st)
+        }
+        if not maybe:
+            return {}
+
+        def check(tx: Tx) -> dict[bytes, Seen]:
+            has = self.store.has_object
+            return {
+                rel: s
+                for rel, s in maybe.items()
+                if all(has(tx, d) for d in ([s.digest] if s.digest else []))
+                and all(has(tx, x.digest) for x in s.extents)
+            }
+
+        return self.access.read(check)
+
+    def _non_directory(self, c: Node, known: Seen | None) -> Entry | None:
+        st = c.st
+        group = self.group
+        path = _join(self.src, c.rel)
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in self._links:  # another name of an inode done already
+            ino, first = self._links[key]
+            group.hold(first.refs())
+            self._remember(c, ino, first)
+            return dataclasses.replace(first, name=c.name)
+        ino = self._inos.give(c.rel)
+        if stat.S_ISREG(st.st_mode):
+            if known is not None:
+                entry = self._entry(c, ino, digest=known.digest, extents=known.extents,
+                                    data_bytes=known.data_bytes)  # fmt: skip
+                group.hold(entry.refs())
+                self.result.files_unchanged += 1
+                self.progress.bytes += st.st_size
+            else:
+                try:
+                    entry = self._read_file(c, ino)
+                except OSError as exc:
+                    self._warn(f"{os.fsdecode(path)}: cannot read ({exc.strerror}); skipped")
+                    return None
+        elif stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(path)
+            except OSError as exc:
+                self._warn(f"{os.fsdecode(path)}: cannot read link ({exc.strerror}); skipped")
+                return None
+            entry = self._entry(c, ino, target=target)
+        else:
+            entry = self._entry(c, ino)
+        if st.st_nlink > 1:
+            self._links[key] = (ino, entry)
+        self._remember(c, ino, entry)
+        return entry
+
+    def _read_file(self, c: Node, ino: int) -> Entry:
+        """Read, cut and hash one file; its chunks go into the group (flushed in the middle
+        of a large file). Cuts match one whole-file cut: only chunks that no
+        later byte can move are taken before the end of the file."""
+        path = _join(self.src, c.rel)
+        fd = _open_noatime(path)
+        extents: list[Extent] = []
+        data_bytes = 0
+        try:
+            chunker = self.pipeline.chunker
+            max_chunk = self.store.params.max
+            carry = b""
+            base = 0
+            while True:
+                block = os.read(fd, READ_BLOCK)
+                self.result.bytes_read += len(block)
+                self.progress.bytes += len(block)
+                buf = carry + block if carry else block
+                if not buf:
+                    break
+                lengths = chunker.cut(buf)
+                spans = (
+                    settled(base, lengths, len(buf), max_chunk) if block else _spans(base, lengths)
+                )
+                view = memoryview(buf)
+                chunks = [(off, view[off - base : off - base + n]) for off, n in spans]
+                for piece in self.pipeline.hash_chunks(chunks).result():
+                    if piece.digest is None:
+                        continue  # all zeros: a hole
+                    data = view[piece.offset - base : piece.offset - base + piece.length]
+                    self.group.chunk(piece.digest, data)
+                    extents.append(Extent(piece.offset, piece.length, piece.digest))
+                    data_bytes += piece.length
+                used = sum(n for _, n in spans)
+                carry = bytes(view[used:])
+                base += used
+                if not block:
+                    break
+                self._flush_if_full()
+                self._report()
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        st = c.st
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or base != st.st_size:
+            self._warn(f"{os.fsdecode(path)}: changed while being read; stored as read")
+            c.changed = True
+        content: dict[str, Any] = {"size": base, "data_bytes": data_bytes}
+        if len(extents) > INLINE_EXTENTS:
+            plain = treeobjects.encode_manifest(extents)
+            digest = digest_of(plain)
+            refs = [x.digest for x in extents]
+            self.group.obj(_Object(digest, layout.KIND_MANIFEST, plain, refs))
+            return self._entry(c, ino, digest=digest, **content)
+        return self._entry(c, ino, extents=tuple(extents), **content)
+
+    def _entry(self, n: Node, ino: int, **content: Any) -> Entry:
+        """``n``'s entry: its lstat, xattrs and ``content`` (digest, extents or target; a
+        file's size and data bytes as read). ``st_nlink`` counts names inside the source."""
+        st = n.st
+        nlink = st.st_nlink
+        if stat.S_ISDIR(st.st_mode):
+            nlink = 2 + sum(1 for c in n.children or () if c.children is not None)
+        elif nlink > 1:
+            nlink = self._names[(st.st_dev, st.st_ino)]
+        size = content.pop("size", st.st_size if stat.S_ISREG(st.st_mode) else 0)
+        if "target" in content:
+            size = len(content["target"])
+        return Entry(
+            n.name,
+            ino,
+            st.st_mode,
+            nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_rdev if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) else 0,
+            size,
+            content.pop("data_bytes", 0),
+            st.st_atime_ns,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            xattrs=self._xattrs(n),
+            **content,
+        )
+
+    def _xattrs(self, n: Node) -> tuple[tuple[bytes, bytes], ...]:
+        path = _join(self.src, n.rel)
+        try:
+            names = os.listxattr(path, follow_symlinks=False)
+        except OSError:
+            return ()
+        out = []
+        for name in sorted(names):
+            try:
+                out.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)))
+            except OSError:
+                continue
+        return tuple(out)
+
+    def _remember(self, c: Node, ino: int, entry: Entry) -> None:
+        st = c.st
+        if not _is_reg(c) or c.changed:
+            self.seen[c.rel] = Seen(ino)
+            return
+        self.seen[c.rel] = Seen(
+            ino, True, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+            entry.data_bytes, entry.digest, entry.extents,
+        )  # fmt: skip
+
+    # -- applying -------------------------------------------------------------------------
+
+    def _flush_if_full(self) -> None:
+        if self.group.full():
+            self._flush()
+
+    def _flush(self) -> None:
+        """Apply the group gathered before this one; find which of this group's chunks are
+        new and start compressing them (in the pool, while the next group is read)."""
+        self._apply(self.waiting)
+        group = self.waiting = self.group
+        self.group = _Group()
+        candidates = list(group.plain)
+
+        def pick(tx: Tx) -> list[bytes]:
+            return [d for d in candidates if not self.store.has_object(tx, d)]
+
+        group.new = self.access.read(pick) if candidates else []
+        group.encoded = self.pipeline.compress_async([group.plain[d] for d in group.new])
+
+    def _apply(self, group: _Group | None) -> None:
+        if group is None:
+            return
+        values = dict(zip(group.new, group.encoded.result(), strict=True))
+        store = self.store
+        codec = store.codec
+
+        def run(tx: Tx) -> tuple[Counter, int]:
+            pins: Counter[bytes] = Counter()
+            added = 0
+            for kind, op in group.ops:
+                if kind == "chunk":
+                    digest, n = op
+                    value = values.get(digest)
+                    if value is None and not store.has_object(tx, digest):
+                        value = codec.encode(group.plain[digest])  # freed meanwhile
+                    if store.add_ref(tx, digest, value, n) and value is not None:
+                        added += len(value)
+                    pins[digest] += 1
+                elif kind == "hold":
+                    for digest in op:
+                        store.add_ref(tx, digest, None, 0)
+                        pins[digest] += 1
+                else:
+                    added += _take_over(store, tx, op, pins)
+            _pin(tx, store, pins)
+            return pins, added
+
+        pins, added = self.access.write(run)
+        self.held.update(pins)
+        self.held = +self.held  # drop zero counts
+        self.result.bytes_new += added
+
+    def record(self, name: bytes, created_ns: int | None = None) -> Snapshot:
+        """Name the built tree as snapshot ``name`` (the record takes the import's
+        reference on the root tree), then save the files cache."""
+        assert self.root is not None
+        root, totals = self.root, self.totals
+        t = time.time_ns() if created_ns is None else created_ns
+
+        def run(tx: Tx) -> Snapshot:
+            snap = snapshots.record(tx, self.store, name, root, totals, t, take_ref=False)
+            _pin(tx, self.store, Counter({root.digest: -1}))
+            return snap
+
+        snap = self.access.write(run)
+        self.held[root.digest] -= 1
+        self.held = +self.held
+        try:
+            filescache.save(self.store.path, self.src, self.seen)
+        except OSError as exc:
+            self._warn(f"could not save the files cache ({exc.strerror}); next import reads all")
+        self.result.snapshot = snapshots.describe(snap)
+        self.result.seconds = time.monotonic() - self._started
+        return snap
+
+    def abort(self) -> None:
+        """Give back every reference the import still holds."""
+        held = self.held
+        self.held = Counter()
+        if not held:
+            return
+
+        def run(tx: Tx) -> None:
+            _pin(tx, self.store, Counter({d: -n for d, n in held.items()}))
+            for digest, n in held.items():
+                for _ in range(n):
+                    treeobjects.release(self.store, tx, digest)
+
+        self.access.write(run)
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def _warn(self, text: str) -> None:
+        self.result.warnings.append(text)
+
+    def _report(self, force: bool = False) -> None:
+        if self.on_progress is None:
+            return
+        now = time.monotonic()
+        if force or now - self._reported >= PROGRESS_EVERY:
+            self._reported = now
+            self.on_progress(self.progress)
+
+
+def _take_over(store: Store, tx: Tx, o: _Object, pins: Counter) -> int:
+    """Store object ``o`` holding the references the import held on its children, or, if it
+    exists, hold it once more and release those. Returns the stored bytes added."""
+    for ref in o.refs:
+        pins[ref] -= 1
+    pins[o.digest] += 1
+    if store.has_object(tx, o.digest):
+        store.add_ref(tx, o.digest, None, 0)
+        for ref in o.refs:
+            treeobjects.release(store, tx, ref)
+        return 0
+    value = store.codec.encode(o.plain, o.kind)
+    store.add_ref(tx, o.digest, value, len(o.plain))
+    return len(value)
+
+
+def _pin(tx: Tx, store: Store, delta: Counter) -> None:
+    """Change the import's pin counts (the references it holds) by ``delta``."""
+    for digest, n in delta.items():
+        if n:
+            snapshots.adjust_pin(tx, digest, n)
+
+
+def _reserve_inos(tx: Tx, count: int) -> int:
+    """Take ``count`` inode numbers from the live tree's counter (so a rollback to an imported
+    snapshot never mistakes one of its inodes for a live one); returns the first."""
+    base = tx.get_u64(layout.META_NEXT_INO)
+    tx.put(b"meta", layout.META_NEXT_INO, layout.u64(base + count))
+    return base
+
+
+class _InoGiver:
+    """Snapshot inode numbers: the last import's for a path it had, else fresh ones."""
+
+    def __init__(self, last: dict[bytes, Seen], base: int) -> None:
+        self.last = last
+        self.next = base
+
+    def give(self, rel: bytes) -> int:
+        seen = self.last.get(rel)
+        if seen is not None:
+            return seen.ino
+        self.next += 1
+        return self.next - 1
+
+
+def _is_reg(n: Node) -> bool:
+    return stat.S_ISREG(n.st.st_mode)
+
+
+def _walk_all(root: Node) -> Iterator[Node]:
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        yield n
+        stack.extend(n.children or ())
+
+
+def _walk_files(root: Node) -> Iterator[Node]:
+    return (n for n in _walk_all(root) if n.children is None)
+
+
+def _spans(base: int, lengths: list[int]) -> list[tuple[int, int]]:
+    out = []
+    for n in lengths:
+        out.append((base, n))
+        base += n
+    return out
+
+
+def _open_noatime(path: bytes, flags: int = 0) -> int:
+    """Open for reading without moving the source's atime (so importing an unchanged tree
+    again gives the same tree objects), where the caller may (owner or root)."""
+    flags |= os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(path, flags | os.O_NOATIME)
+    except PermissionError:
+        return os.open(path, flags)
+
+
+# Offline, the import commits its group-commit batch every this many bytes: one batch of a
+# large import would hold all of it in dirty pages (and lose all of it to a failed commit).
+BATCH_BYTES = 64 << 20
+
+
+def import_offline(
+    store: Store,
+    src: str,
+    name: bytes,
+    *,
+    one_file_system: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+) -> ImportResult:
+    """Import ``src`` as snapshot ``name`` into a store this process holds as its one writer
+    (no mount). Pins a killed import left are released first: no one else holds any."""
+    with store.read() as tx:
+        snapshots.check_free(tx, name)
+    store.run_write(lambda tx: snapshots.drop_pins(tx, store))
+
+    def write(fn: Callable[[Tx], T]) -> T:
+        result = store.run_write(fn)
+        if store.batch_written > BATCH_BYTES:
+            store.commit_batch(durable=False)
+            store.begin_batch()
+        return result
+
+    pipeline = Pipeline(store)
+    access = Access(Access.direct(store).read, write)
+    importer = Importer(
+        store, access, pipeline, src, one_file_system=one_file_system, progress=progress
+    )
+    store.begin_batch()
+    try:
+        importer.run()
+        importer.record(name)
+        store.commit_batch(durable=True)
+    except BaseException:
+        store.abort_batch()
+        store.run_write(lambda tx: snapshots.drop_pins(tx, store))
+        raise
+    finally:
+        pipeline.close()
+    return importer.result
