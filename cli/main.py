@@ -141,6 +141,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
     s.set_defaults(run=workflows.import_command)
 
+    s = sub.add_parser(
+        "export",
+        help="write a snapshot (or a path in it) out to a directory",
+        description="Writes snapshot NAME, or PATH inside it, to DEST with everything import "
+        "keeps: modes, owners (as root), ns times, symlinks, hard links, xattrs, holes, special "
+        "files. Reads the store directly, also while it is mounted.",
+    )
+    s.add_argument("target", metavar="MOUNT_OR_STORE")
+    s.add_argument("name", metavar="NAME", help="snapshot")
+    s.add_argument("dest", metavar="DEST", help="directory to create (or an empty one)")
+    s.add_argument("path", metavar="PATH", nargs="?", help="only this path of the snapshot")
+    s.add_argument("--force", action="store_true", help="overwrite what exists at DEST")
+    s.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
+    s.set_defaults(run=workflows.export_command)
+
+    s = sub.add_parser(
+        "prune",
+        help="delete snapshots a retention policy does not keep (as borg prune)",
+        description="Snapshots are walked newest first; each --keep-* rule keeps the newest "
+        "snapshot of each of its N most recent periods (hours, days, ISO weeks, months, years) "
+        "not kept by an earlier rule. Prints what is kept and why.",
+    )
+    s.add_argument("target", metavar="MOUNT_OR_STORE")
+    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        s.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    s.add_argument("--prefix", "-P", default="", metavar="P", help="only snapshots named P...")
+    s.add_argument("--dry-run", "-n", action="store_true", help="show, delete nothing")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(run=workflows.prune_command)
+
+    s = sub.add_parser(
+        "compact",
+        help="rewrite the store's database file to return freed space to the disk (offline)",
+        description="Deleting frees space inside the store at once, for the store to reuse; the "
+        "database file itself never shrinks. compact copies the live pages to a new file and "
+        "swaps it in. The store must not be mounted or open elsewhere.",
+    )
+    s.add_argument("store", metavar="STORE")
+    s.add_argument("--json", action="store_true", help="print a JSON summary")
+    s.set_defaults(run=workflows.compact_command)
+
     s = sub.add_parser("demo", help="make a demo store filled with sample files and show its stats")
     s.add_argument("dir", metavar="DIR", nargs="?", default="/tmp/casfs-demo")
     s.set_defaults(run=commands.demo)

@@ -8,6 +8,7 @@ the store directly either way (LMDB readers never block the writer).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -17,6 +18,8 @@ from collections.abc import Callable
 from tqdm import tqdm
 
 from casfs.errors import CasfsError
+from casfs.store import compact
+from casfs.workflows import exporter, retention
 from casfs.workflows.importer import Progress
 from casfs_cli.format import human_bytes
 from casfs_cli.snapshots import open_target
@@ -96,3 +99,84 @@ def progress_printer(quiet: bool) -> Callable[[int, int], None] | None:
         print(f"\r{pct:5.1f} % of {human_bytes(total)}", end="", file=sys.stderr, flush=True)
 
     return show
+
+
+def prune_command(args: argparse.Namespace) -> int:
+    from casfs_cli.main import one_line
+
+    policy = retention.Policy(
+        last=args.keep_last,
+        hourly=args.keep_hourly,
+        daily=args.keep_daily,
+        weekly=args.keep_weekly,
+        monthly=args.keep_monthly,
+        yearly=args.keep_yearly,
+        prefix=os.fsencode(args.prefix),
+    )
+    with open_target(args.target) as target:
+        listed = [(os.fsencode(r["name"]), r["created_ns"]) for r in target.listing()]
+        decisions = retention.plan(listed, policy)
+        removed = []
+        for d in decisions:
+            if not d.keep and not args.dry_run:
+                target.delete(d.name)
+            if not d.keep:
+                removed.append(d)
+    if args.json:
+        rows = [
+            {"name": os.fsdecode(d.name), "created_ns": d.created_ns, "keep": d.keep,
+             "reasons": list(d.reasons)}
+            for d in decisions
+        ]  # fmt: skip
+        print(json.dumps({"dry_run": args.dry_run, "snapshots": rows}))
+        return 0
+    width = max([4, *(len(one_line(os.fsdecode(d.name))) for d in decisions)])
+    for d in decisions:
+        action = "keep" if d.keep else ("would remove" if args.dry_run else "removed")
+        created = datetime.datetime.fromtimestamp(d.created_ns / 1e9)
+        why = ", ".join(d.reasons)
+        shown = one_line(os.fsdecode(d.name))
+        print(f"{action:<12}  {shown:<{width}}  {created:%Y-%m-%d %H:%M:%S}  {why}".rstrip())
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} of {len(decisions)} snapshots")
+    return 0
+
+
+def compact_command(args: argparse.Namespace) -> int:
+    show = progress_printer(args.json)
+    result = compact.compact(args.store, show)
+    if show is not None:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps({**result.__dict__, "freed_bytes": result.freed_bytes}))
+    else:
+        print(
+            f"compacted {args.store}: {human_bytes(result.before_bytes)} -> "
+            f"{human_bytes(result.after_bytes)} ({human_bytes(result.freed_bytes)} returned to "
+            f"the disk) in {result.seconds:.2f} s"
+        )
+    return 0
+
+
+def export_command(args: argparse.Namespace) -> int:
+    from casfs_cli.main import one_line
+
+    bar = Bar(args.json, "export")
+    path = os.fsencode(args.path or "").strip(b"/")
+    try:
+        with open_target(args.target) as target, target.reader() as store:
+            result = exporter.export(
+                store, os.fsencode(args.name), args.dest, path, force=args.force,
+                progress=bar.exporting,
+            )  # fmt: skip
+    finally:
+        bar.close()
+    if args.json:
+        print(json.dumps(result.__dict__))
+    else:
+        what = f"{args.name}:/{os.fsdecode(path)}" if path else f"snapshot {args.name}"
+        print(one_line(
+            f"exported {what} to {args.dest}: {result.files:,} files, {result.dirs:,} "
+            f"directories, {human_bytes(result.bytes)} in {result.seconds:.2f} s"
+        ))  # fmt: skip
+    return 0

@@ -56,7 +56,7 @@ def listing(fs, name, path=b""):
     """{relative path: (mode, size, bytes or target)} of a snapshot, read from its objects."""
     out = {}
     with fs.store.read() as tx:
-        stack = [(path, restore.resolve(fs, tx, snapshots.find(tx, name).root, path))]
+        stack = [(path, restore.resolve(fs.store, tx, snapshots.find(tx, name).root, path, name))]
         while stack:
             p, e = stack.pop()
             if e.is_dir:

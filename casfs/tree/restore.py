@@ -13,25 +13,35 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from casfs.errors import FsError
-from casfs.store.store import Tx
+from casfs.store.store import Store, Tx
 from casfs.tree import directory, snapshots, treeobjects
 from casfs.tree.fs import ROOT_INO, Filesystem
 from casfs.tree.treeobjects import Entry
 
 
-def resolve(fs: Filesystem, tx: Tx, root: Entry, path: bytes) -> Entry:
-    """The entry at ``path`` (relative, '/'-separated) below a snapshot root."""
+def resolve(store: Store, tx: Tx, root: Entry, path: bytes, snapshot: bytes) -> Entry:
+    """The entry at ``path`` (relative, '/'-separated) below the root of ``snapshot``."""
     entry = root
-    for name in (n for n in path.split(b"/") if n and n != b"."):
+    seen: list[bytes] = []
+    parts = [n for n in path.split(b"/") if n and n != b"."]
+    for part in parts:
+        where = f"{_show(b'/'.join(parts))!r} in snapshot {_show(snapshot)!r}"
+        if len(seen) + 1 < len(parts):
+            where += f" (no {_show(b'/'.join([*seen, part]))!r})"
+        if part == b"..":
+            raise FsError(errno.EINVAL, f"'..' in snapshot path {_show(path)!r}")
         if not entry.is_dir:
-            raise FsError(errno.ENOTDIR, path.decode(errors="replace"))
-        if name == b"..":
-            raise FsError(errno.EINVAL, "'..' in a snapshot path")
-        found = treeobjects.load_tree(fs.store, tx, entry.digest).find(name)
+            raise FsError(errno.ENOTDIR, f"{_show(b'/'.join(seen))!r} is not a directory")
+        found = treeobjects.load_tree(store, tx, entry.digest).find(part)
         if found is None:
-            raise FsError(errno.ENOENT, path.decode(errors="replace"))
+            raise FsError(errno.ENOENT, where)
         entry = found
+        seen.append(part)
     return entry
+
+
+def _show(path: bytes) -> str:
+    return path.decode(errors="backslashreplace")
 
 
 def materialize(
@@ -94,7 +104,7 @@ def restore(
     An existing destination is replaced only with ``force``. Returns the new entry and the
     one it replaced."""
     snap = snapshots.find(tx, snapshot)
-    entry = resolve(fs, tx, snap.root, path)
+    entry = resolve(fs.store, tx, snap.root, path, snapshot)
     target = (dest if dest is not None else path).strip(b"/")
     if not target:
         raise FsError(errno.EINVAL, "cannot restore onto the root; use rollback")
