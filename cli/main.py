@@ -157,6 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=workflows.export_command)
 
     s = sub.add_parser(
+        "digest",
+        help="content digest of files: equal exactly when their contents are equal",
+        description="Prints the read-only xattr user.casfs.digest of each file on a casfs mount "
+        "(live or in .snap), as sha256sum prints. It comes from the stored chunk list, so the "
+        "data is not read again. Digests compare within a store (or stores with the same chunk "
+        "size). With --store, any file is read and digested as that store would digest it.",
+    )
+    s.add_argument("paths", metavar="PATH", nargs="+")
+    s.add_argument("--store", metavar="STORE", help="digest files anywhere as STORE would")
+    s.set_defaults(run=workflows.digest_command)
+
+    s = sub.add_parser(
         "prune",
         help="delete snapshots a retention policy does not keep (as borg prune)",
         description="Snapshots are walked newest first; each --keep-* rule keeps the newest "

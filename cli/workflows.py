@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +21,9 @@ from tqdm import tqdm
 
 from casfs.errors import CasfsError
 from casfs.store import compact
+from casfs.store.pipeline import Pipeline
+from casfs.store.store import Store
+from casfs.tree import identity
 from casfs.workflows import exporter, retention
 from casfs.workflows.importer import Progress
 from casfs_cli.format import human_bytes
@@ -180,3 +185,53 @@ def export_command(args: argparse.Namespace) -> int:
             f"directories, {human_bytes(result.bytes)} in {result.seconds:.2f} s"
         ))  # fmt: skip
     return 0
+
+
+def digest_command(args: argparse.Namespace) -> int:
+    """Print ``user.casfs.digest`` of each path, as ``sha256sum`` prints (digest, two spaces,
+    path). With ``--store``, paths anywhere are read and digested as that store would."""
+    from casfs_cli.main import one_line
+
+    failed = False
+    store = Store(args.store, writer=False) if args.store else None
+    pipeline = Pipeline(store, 1) if store else None
+    try:
+        for path in args.paths:
+            try:
+                if pipeline is not None:
+                    value = _digest_by_reading(pipeline, path)
+                else:
+                    value = os.getxattr(path, identity.XATTR.decode(), follow_symlinks=True)
+            except OSError as exc:
+                failed = True
+                print(one_line(f"casfs digest: {path}: {_digest_error(exc)}"), file=sys.stderr)
+                continue
+            print(f"{value.decode()}  {one_line(path)}")
+    finally:
+        if pipeline is not None:
+            pipeline.close()
+        if store is not None:
+            store.close()
+    return 2 if failed else 0
+
+
+def _digest_by_reading(pipeline: Pipeline, path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.ENODATA, "not a regular file")
+        return identity.run(
+            identity.by_reading(pipeline, st.st_size, lambda off, n: os.pread(fd, n, off))
+        )
+    finally:
+        os.close(fd)
+
+
+def _digest_error(exc: OSError) -> str:
+    if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return (
+            "no user.casfs.digest: not a regular file on a casfs mount "
+            "(--store STORE digests any file as STORE would)"
+        )
+    return exc.strerror or str(exc)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import stat
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -54,7 +54,7 @@ class Node:
     attrs: pyfuse3.EntryAttributes | None = None  # built once: the entry never changes
 
 
-class _Lru(OrderedDict):
+class Lru(OrderedDict):
     """Least recently used out first, bounded by the total ``weight`` of its values."""
 
     def __init__(self, max_weight: int) -> None:
@@ -62,7 +62,7 @@ class _Lru(OrderedDict):
         self.max_weight = max_weight
         self.weight = 0
 
-    def remember(self, key: bytes, value: object, weight: int) -> None:
+    def remember(self, key: Hashable, value: object, weight: int) -> None:
         if key in self:
             self.move_to_end(key)
             return
@@ -72,7 +72,7 @@ class _Lru(OrderedDict):
             _, (_, w) = self.popitem(last=False)
             self.weight -= w
 
-    def find(self, key: bytes) -> object | None:
+    def find(self, key: Hashable) -> object | None:
         found = self.get(key)
         if found is None:
             return None
@@ -86,7 +86,7 @@ class SnapView:
         self.store = store
         self.nodes: dict[int, Node] = {}
         self.deleted: set[int] = set()  # ids of snapshots deleted while the kernel held nodes
-        self._decoded = _Lru(CACHED_ENTRIES)  # tree objects and manifests, by digest
+        self._decoded = Lru(CACHED_ENTRIES)  # tree objects and manifests, by digest
 
     # -- attributes -------------------------------------------------------------------------
 

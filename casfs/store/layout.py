@@ -14,6 +14,7 @@ Store directory
 ``casfs.lock``         ``flock`` held by the one writer process; holds its PID as text
 ``reserve``            1 MiB of disk held back, given up so a delete can commit on a full
                        disk (see ``Store._hold_reserve``)
+``imports/``           files caches of ``casfs import``, one per source directory
 =====================  ==================================================================
 
 LMDB databases
@@ -50,7 +51,11 @@ snapshots     name                          packed :class:`casfs.tree.snapshots.
                                             totals. Holds one reference to the root tree.
 pins          digest                        u64 count: references held for the kernel on the
                                             content of deleted snapshots' files still open or
-                                            known; all dropped at the next mount.
+                                            known, and by an import until a tree object takes
+                                            them over; all dropped at the next mount or import.
+recut         ino u64                       empty. A regular file whose chunks may not be those
+                                            one whole-file cut would give (written out of
+                                            order); its content digest is found by reading it.
 ============  ============================  =====================================================
 
 Objects are chunks (file bytes), tree objects (one directory of a snapshot) and manifests
@@ -63,7 +68,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MARKER_FILE = "casfs-store.json"
 LOCK_FILE = "casfs.lock"
 RESERVE_FILE = "reserve"
@@ -85,6 +90,7 @@ DB_NAMES = (
     b"treecache",
     b"snapshots",
     b"pins",
+    b"recut",
 )
 
 # meta keys

@@ -9,8 +9,9 @@ store's question, asked by the caller between ``cut_and_hash`` and ``compress``.
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,6 +19,29 @@ from typing import TypeVar
 from casfs.store.chunker import Chunker
 from casfs.store.codec import digest_of
 from casfs.store.store import Store
+
+
+def spans_of(base: int, lengths: list[int]) -> list[tuple[int, int]]:
+    """(offset, length) of consecutive chunks starting at ``base``."""
+    out = []
+    for n in lengths:
+        out.append((base, n))
+        base += n
+    return out
+
+
+def settled(base: int, lengths: list[int], size: int, max_chunk: int) -> list[tuple[int, int]]:
+    """(offset, length) of the leading chunks of a cut buffer whose ends do not depend on what
+    follows the buffer: those that start at least ``max_chunk`` bytes before its end."""
+    out = []
+    pos = 0
+    for n in lengths:
+        if pos + max_chunk > size:
+            break
+        out.append((base + pos, n))
+        pos += n
+    return out
+
 
 # Work smaller than this runs on the calling thread: a thread hop costs more.
 SPREAD_MIN_BYTES = 256 << 10
@@ -101,6 +125,31 @@ class Pipeline:
         return self.spread_async(
             lambda part: [encode(c) for c in part], chunks, sum(map(len, chunks))
         )
+
+    def cut_stream(self, blocks: Iterator[bytes]) -> Iterator[tuple[Piece, memoryview]]:
+        """The chunks of a byte stream, hashed, cut exactly as one cut of the whole stream
+        would cut them: a chunk is taken before the end only once no later byte can move its
+        end (cut points depend only on the bytes before them, within ``max``). Yields
+        (piece, bytes) block by block, so a caller may act between blocks."""
+        max_chunk = self.store.params.max
+        carry = b""
+        base = 0
+        for block in itertools.chain(blocks, [b""]):
+            buf = carry + block if carry else block
+            if not buf:
+                return
+            lengths = self.chunker.cut(buf)
+            if block:
+                spans = settled(base, lengths, len(buf), max_chunk)
+            else:
+                spans = spans_of(base, lengths)
+            view = memoryview(buf)
+            chunks = [(off, view[off - base : off - base + n]) for off, n in spans]
+            for piece, (_, data) in zip(self.hash_chunks(chunks).result(), chunks, strict=True):
+                yield piece, data
+            used = sum(n for _, n in spans)
+            carry = bytes(view[used:])
+            base += used
 
     # -- read-back --------------------------------------------------------------------------
 

@@ -25,8 +25,8 @@ from casfs.errors import FsError
 from casfs.store import layout
 from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store, Tx
-from casfs.tree import directory, parents, treeobjects, writer
-from casfs.tree.content import Content, Extent
+from casfs.tree import directory, identity, parents, treeobjects, writer
+from casfs.tree.content import Content, Extent, file_extents
 from casfs.tree.merkle import LiveDigests
 from casfs.tree.records import NAME_MAX, XATTR_NAME_MAX, XATTR_SIZE_MAX, Inode
 from casfs.tree.treeobjects import Entry
@@ -207,7 +207,15 @@ class Filesystem:
         if not self.is_held(inode.ino):
             self._free(tx, inode.ino)
 
+    def _set_recut(self, tx: Tx, ino: int, recut: bool) -> None:
+        """Mark (or clear) a file whose chunks may differ from one whole-file cut."""
+        if recut:
+            tx.put(b"recut", layout.ino_key(ino), b"")
+        else:
+            tx.delete(b"recut", layout.ino_key(ino))
+
     def _free(self, tx: Tx, ino: int) -> None:
+        self._set_recut(tx, ino, False)
         self.merkle.drop(tx, ino)
         self.content.drop_all(tx, ino)
         for key, _ in list(tx.prefix(b"xattrs", layout.ino_key(ino))):
@@ -279,6 +287,9 @@ class Filesystem:
                 changes["data_bytes"] = inode.data_bytes + writer.truncate(
                     self.content, tx, ino, size
                 )
+            # Cutting a file shorter keeps its cuts; zeros appended to stored chunks do not.
+            if size == 0 or (size > inode.size and self.content.last_extent(tx, ino)):
+                self._set_recut(tx, ino, size > 0)
             changes["size"] = size
             changes["mtime_ns"] = t
         if mode is not None:
@@ -454,6 +465,15 @@ class Filesystem:
 
     # -- content ----------------------------------------------------------------------------
 
+    def digest_steps(self, ino: int) -> Iterator[bytes | None]:
+        """Steps to regular file ``ino``'s content digest (:mod:`casfs.tree.identity`)."""
+        with self.store.read() as tx:
+            inode = self._regular(tx, ino)
+            recut = tx.get(b"recut", layout.ino_key(ino)) is not None
+            extents = [] if recut else file_extents(tx, ino)
+        read = functools.partial(self.read, ino)
+        return identity.steps(self.pipeline, inode.size, extents, recut, read)
+
     def _regular(self, tx: Tx, ino: int) -> Inode:
         inode = self._get(tx, ino)
         if inode.is_dir:
@@ -508,11 +528,15 @@ class Filesystem:
         if offset < 0:
             raise FsError(errno.EINVAL, "negative offset")
         with self.store.read() as tx:
-            self._regular(tx, ino)
+            size = self._regular(tx, ino).size
+            last = self.content.last_extent(tx, ino) if offset == size and size else None
         view = memoryview(data).cast("B")
         if not view:
             return iter(())
         w = writer.Write(self.content, ino, offset, view)
+        # Appending to a file that ends in a stored chunk re-cuts that chunk with the new bytes,
+        # as one whole-file cut would; any other write may leave other cuts (identity.py).
+        w.keeps_cuts = offset == size and (size == 0 or (last is not None and last.end == size))
 
         def apply_group(group: writer.Group, pieces: list, values: dict) -> None:
             self.store.run_write(
@@ -534,6 +558,8 @@ class Filesystem:
         inode = self._regular(tx, w.ino)
         delta = w.apply(tx, group, pieces, values)
         self._content_changed(tx, w.ino)
+        if not w.keeps_cuts:
+            self._set_recut(tx, w.ino, True)
         t = now_ns()
         self._put(
             tx,
@@ -577,6 +603,8 @@ class Filesystem:
             raise FsError(errno.ERANGE, "xattr name length")
         if len(value) > XATTR_SIZE_MAX:
             raise FsError(errno.E2BIG, "xattr value length")
+        if name.startswith(identity.RESERVED_PREFIX):
+            raise FsError(errno.EPERM, f"{name.decode(errors='replace')} is casfs's, read-only")
         key = layout.xattr_key(ino, name)
         exists = tx.get(b"xattrs", key) is not None
         if flags & XATTR_CREATE and exists:
@@ -589,6 +617,8 @@ class Filesystem:
     @_writes
     def removexattr(self, tx: Tx, ino: int, name: bytes) -> None:
         inode = self._get(tx, ino)
+        if name.startswith(identity.RESERVED_PREFIX):
+            raise FsError(errno.EPERM, f"{name.decode(errors='replace')} is casfs's, read-only")
         if not tx.delete(b"xattrs", layout.xattr_key(ino, name)):
             raise FsError(errno.ENODATA, repr(name))
         self._put(tx, inode.but(ctime_ns=now_ns()))
@@ -606,6 +636,7 @@ class Filesystem:
             tx.put(b"xattrs", layout.xattr_key(inode.ino, key), value)
         if entry.is_reg:
             self._put_extents(tx, inode.ino, self._snapshot_extents(tx, entry))
+            self._set_recut(tx, inode.ino, entry.recut)
         inode = inode.but(
             mode=entry.mode,
             gid=entry.gid,
@@ -655,6 +686,7 @@ class Filesystem:
                 self._put_extents(tx, ino, extents)
                 self._content_changed(tx, ino)
                 data_bytes = entry.data_bytes
+                self._set_recut(tx, ino, entry.recut)
         want = inode.but(
             mode=entry.mode,
             uid=entry.uid,

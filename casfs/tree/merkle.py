@@ -48,6 +48,7 @@ def entry_of(tx: Tx, inode: Inode, name: bytes, digest: bytes = b"", extents: tu
         extents=extents,
         target=inode.target,
         xattrs=xattrs,
+        recut=inode.is_reg and tx.get(b"recut", layout.ino_key(inode.ino)) is not None,
     )
 
 

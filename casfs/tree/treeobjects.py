@@ -35,7 +35,7 @@ _TOTALS = struct.Struct(">QQQI")  # files, dirs, bytes (recursive), entry count
 _EXTENT = struct.Struct(">QI32s")  # offset, length, digest
 _COUNT = struct.Struct(">H")
 _XATTR = struct.Struct(">BI")  # name length, value length
-_HAS_DIGEST, _HAS_EXTENTS, _HAS_TARGET = 1, 2, 4
+_HAS_DIGEST, _HAS_EXTENTS, _HAS_TARGET, _RECUT = 1, 2, 4, 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,7 @@ class Entry:
     extents: tuple[Extent, ...] = ()  # a small file's chunks
     target: bytes = b""  # a symlink's target
     xattrs: tuple[tuple[bytes, bytes], ...] = ()
+    recut: bool = False  # chunks not those of one whole-file cut (see casfs.tree.identity)
 
     @property
     def is_dir(self) -> bool:
@@ -101,6 +102,7 @@ def encode_tree(entries: list[Entry], totals: Totals) -> bytes:
             (_HAS_DIGEST if e.digest else 0)
             | (_HAS_EXTENTS if e.extents else 0)
             | (_HAS_TARGET if e.target else 0)
+            | (_RECUT if e.recut else 0)
         )
         out.append(
             _ENTRY.pack(
@@ -188,6 +190,7 @@ def decode_tree(plain: bytes) -> Tree:
                 extents,
                 target,
                 tuple(xattrs),
+                bool(flags & _RECUT),
             )  # fmt: skip
         )
     return Tree(Totals(files, dirs, nbytes), entries)

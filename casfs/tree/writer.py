@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from casfs.store import layout
-from casfs.store.pipeline import Piece
+from casfs.store.pipeline import Piece, settled, spans_of
 from casfs.store.store import Tx
 from casfs.tree.content import Content, Extent
 
@@ -38,27 +38,6 @@ class Group:
     spans: list[tuple[int, int]]  # (file offset, length) of each chunk
 
 
-def _spans(base: int, lengths: list[int]) -> list[tuple[int, int]]:
-    out = []
-    for n in lengths:
-        out.append((base, n))
-        base += n
-    return out
-
-
-def settled(base: int, lengths: list[int], size: int, max_chunk: int) -> list[tuple[int, int]]:
-    """The leading chunks of a cut buffer whose ends do not depend on what follows the
-    buffer: those that start at least ``max_chunk`` bytes before its end."""
-    out = []
-    pos = 0
-    for n in lengths:
-        if pos + max_chunk > size:
-            break
-        out.append((base + pos, n))
-        pos += n
-    return out
-
-
 class Write:
     """One write's region and chunks. ``plan`` and ``apply`` need the store's thread."""
 
@@ -70,6 +49,7 @@ class Write:
         self.end = offset + len(data)
         self.start = offset
         self.stop = self.end
+        self.keeps_cuts = False  # the file's chunks stay those of one whole-file cut
         self.head: Extent | None = None  # old extent whose bytes precede the write
         self.tail: Extent | None = None  # old extent whose bytes follow it
         self.plain: dict[bytes, bytes] = {}
@@ -116,7 +96,7 @@ class Write:
         if (not head and not tail) or len(data) <= 2 * reach:
             region = bytes(head) + bytes(data) + bytes(tail) if head or tail else data
             self.segments = [(self.start, region)]
-            spans = _spans(self.start, cut(region))
+            spans = spans_of(self.start, cut(region))
         else:
             pos = self.offset  # file offset from which ``data`` still needs cutting
             self.segments = []
@@ -134,10 +114,10 @@ class Write:
                 mid_end = kept[-1][0] + kept[-1][1]
                 self.segments.append((pos, rest[: mid_end - pos]))
                 end_part = bytes(rest[mid_end - pos :]) + bytes(tail)
-                spans += _spans(mid_end, cut(end_part))
+                spans += spans_of(mid_end, cut(end_part))
                 self.segments.append((mid_end, end_part))
             else:
-                spans += _spans(pos, lengths)
+                spans += spans_of(pos, lengths)
                 self.segments.append((pos, rest))
         groups = [Group(self.start, self.start, [])]
         for off, length in spans:

@@ -42,7 +42,6 @@ from casfs.tree import snapshots, treeobjects
 from casfs.tree.content import Extent
 from casfs.tree.snapshots import Snapshot
 from casfs.tree.treeobjects import INLINE_EXTENTS, Entry, Totals
-from casfs.tree.writer import settled
 from casfs.workflows import filescache
 from casfs.workflows.filescache import Seen
 
@@ -381,53 +380,28 @@ class Importer:
         return entry
 
     def _read_file(self, c: Node, ino: int) -> Entry:
-        """Read, cut and hash one file; its chunks go into the group (flushed in the middle
-        of a large file). Cuts match one whole-file cut: only chunks that no
-        later byte can move are taken before the end of the file."""
+        """Read, cut and hash one file, cut as one whole-file write would be; its chunks go
+        into the group (flushed in the middle of a large file)."""
         path = _join(self.src, c.rel)
         fd = _open_noatime(path)
         extents: list[Extent] = []
-        data_bytes = 0
+        size = data_bytes = 0
         try:
-            chunker = self.pipeline.chunker
-            max_chunk = self.store.params.max
-            carry = b""
-            base = 0
-            while True:
-                block = os.read(fd, READ_BLOCK)
-                self.result.bytes_read += len(block)
-                self.progress.bytes += len(block)
-                buf = carry + block if carry else block
-                if not buf:
-                    break
-                lengths = chunker.cut(buf)
-                spans = (
-                    settled(base, lengths, len(buf), max_chunk) if block else _spans(base, lengths)
-                )
-                view = memoryview(buf)
-                chunks = [(off, view[off - base : off - base + n]) for off, n in spans]
-                for piece in self.pipeline.hash_chunks(chunks).result():
-                    if piece.digest is None:
-                        continue  # all zeros: a hole
-                    data = view[piece.offset - base : piece.offset - base + piece.length]
+            for piece, data in self.pipeline.cut_stream(self._blocks(fd)):
+                size = piece.offset + piece.length
+                if piece.digest is not None:  # else all zeros: a hole
                     self.group.chunk(piece.digest, data)
                     extents.append(Extent(piece.offset, piece.length, piece.digest))
                     data_bytes += piece.length
-                used = sum(n for _, n in spans)
-                carry = bytes(view[used:])
-                base += used
-                if not block:
-                    break
                 self._flush_if_full()
-                self._report()
             after = os.fstat(fd)
         finally:
             os.close(fd)
         st = c.st
-        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or base != st.st_size:
+        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or size != st.st_size:
             self._warn(f"{os.fsdecode(path)}: changed while being read; stored as read")
             c.changed = True
-        content: dict[str, Any] = {"size": base, "data_bytes": data_bytes}
+        content: dict[str, Any] = {"size": size, "data_bytes": data_bytes}
         if len(extents) > INLINE_EXTENTS:
             plain = treeobjects.encode_manifest(extents)
             digest = digest_of(plain)
@@ -435,6 +409,13 @@ class Importer:
             self.group.obj(_Object(digest, layout.KIND_MANIFEST, plain, refs))
             return self._entry(c, ino, digest=digest, **content)
         return self._entry(c, ino, extents=tuple(extents), **content)
+
+    def _blocks(self, fd: int) -> Iterator[bytes]:
+        while block := os.read(fd, READ_BLOCK):
+            self.result.bytes_read += len(block)
+            self.progress.bytes += len(block)
+            self._report()
+            yield block
 
     def _entry(self, n: Node, ino: int, **content: Any) -> Entry:
         """``n``'s entry: its lstat, xattrs and ``content`` (digest, extents or target; a
@@ -654,14 +635,6 @@ def _walk_all(root: Node) -> Iterator[Node]:
 
 def _walk_files(root: Node) -> Iterator[Node]:
     return (n for n in _walk_all(root) if n.children is None)
-
-
-def _spans(base: int, lengths: list[int]) -> list[tuple[int, int]]:
-    out = []
-    for n in lengths:
-        out.append((base, n))
-        base += n
-    return out
 
 
 def _open_noatime(path: bytes, flags: int = 0) -> int:
