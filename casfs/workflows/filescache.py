@@ -2,18 +2,21 @@
 incremental (as borg's files cache does).
 
 One file per source directory in the store's ``imports/`` folder, written whole after each
-import succeeds. For every path it keeps the snapshot inode number given to it, so that
-importing an unchanged tree again yields the very same tree objects (and so the same digests:
-no new objects, and a diff that skips it at once); for a regular file it also keeps the
-(size, mtime, ctime, inode) seen and the content stored. A file whose four values match is
-not read again: its content is taken from here once the store confirms it still holds those
-objects. The cache holds no references, so it can never keep anything alive or be wrong for
-long: a damaged or unreadable cache file is simply ignored (the import then reads everything).
+import succeeds. For every path it keeps the snapshot inode number given to it and the (type,
+size, mtime, ctime, inode) seen, so that importing an unchanged tree again yields the very same
+tree objects (and so the same digests: no new objects, and a diff that skips it at once). A
+path whose five values match is not read again: a file's content and a symlink's target are
+taken from here (a file's once the store confirms it still holds those objects), and so is the
+atime recorded when it was read, because reading it may have moved its atime (readlink always
+can, and a file or directory opened by someone who may not use ``O_NOATIME``). The cache
+holds no references, so it can never keep anything alive or be wrong for long: a damaged or
+unreadable cache file is simply ignored (the import then reads everything).
 """
 
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -23,31 +26,36 @@ from casfs.store.codec import digest_of
 from casfs.tree.content import Extent
 
 FOLDER = "imports"
-_MAGIC = b"CASFSIC1"
-# path length, snapshot ino, is-file, size, mtime, ctime, source ino, data bytes, extents
-_ROW = struct.Struct(">HQBQqqQQH")
+_MAGIC = b"CASFSIC2"
+# path length, snapshot ino, mode, size, mtime, ctime, source ino, atime, data bytes, extents,
+# target length
+_ROW = struct.Struct(">HQIQqqQqQHH")
 _EXTENT = struct.Struct(">QI32s")
 
 
 @dataclass(frozen=True, slots=True)
 class Seen:
     """One path of the last import. For a regular file, ``digest`` names its manifest (large
-    file) or ``extents`` lists its chunks (small file)."""
+    file) or ``extents`` lists its chunks (small file); a symlink has its ``target``. A
+    ``mode`` of 0 never matches (a file that changed while it was read)."""
 
     ino: int
-    is_file: bool = False
+    mode: int = 0
     size: int = 0
     mtime_ns: int = 0
     ctime_ns: int = 0
     source_ino: int = 0
+    atime_ns: int = 0
     data_bytes: int = 0
     digest: bytes = b""
     extents: tuple[Extent, ...] = ()
+    target: bytes = b""
 
     def matches(self, st: os.stat_result) -> bool:
-        """The source file looks untouched since: same size, mtime, ctime and inode."""
+        """The source path looks untouched since: same type, size, mtime, ctime and inode."""
         return (
-            self.is_file
+            self.mode != 0
+            and stat.S_IFMT(self.mode) == stat.S_IFMT(st.st_mode)
             and self.size == st.st_size
             and self.mtime_ns == st.st_mtime_ns
             and self.ctime_ns == st.st_ctime_ns
@@ -89,22 +97,12 @@ def save(store_path: str, source: bytes, seen: dict[bytes, Seen]) -> None:
 def _encode(seen: dict[bytes, Seen], source: bytes) -> bytes:
     out = [_MAGIC, struct.pack(">H", len(source)), source]
     for path, s in seen.items():
-        out.append(
-            _ROW.pack(
-                len(path),
-                s.ino,
-                s.is_file,
-                s.size,
-                s.mtime_ns,
-                s.ctime_ns,
-                s.source_ino,
-                s.data_bytes,
-                len(s.extents),
-            )  # fmt: skip
-        )
+        row = (s.ino, s.mode, s.size, s.mtime_ns, s.ctime_ns, s.source_ino, s.atime_ns)
+        out.append(_ROW.pack(len(path), *row, s.data_bytes, len(s.extents), len(s.target)))
         out.append(path)
         out.append(s.digest or bytes(32))
         out.extend(_EXTENT.pack(x.offset, x.length, x.digest) for x in s.extents)
+        out.append(s.target)
     return b"".join(out)
 
 
@@ -119,14 +117,16 @@ def _decode(raw: bytes, source: bytes) -> dict[bytes, Seen]:
     pos += n
     seen: dict[bytes, Seen] = {}
     while pos < len(raw):
-        plen, ino, is_file, size, mt, ct, sino, data_bytes, nx = _ROW.unpack_from(raw, pos)
+        plen, ino, mode, size, mt, ct, sino, at, data_bytes, nx, tlen = _ROW.unpack_from(raw, pos)
         pos += _ROW.size
         path = raw[pos : pos + plen]
         digest = raw[pos + plen : pos + plen + 32]
         pos += plen + 32
         extents = tuple(Extent(*x) for x in _EXTENT.iter_unpack(raw[pos : pos + nx * 44]))
         pos += nx * _EXTENT.size
+        target = raw[pos : pos + tlen]
+        pos += tlen
         if digest == bytes(32):
             digest = b""
-        seen[path] = Seen(ino, bool(is_file), size, mt, ct, sino, data_bytes, digest, extents)
+        seen[path] = Seen(ino, mode, size, mt, ct, sino, at, data_bytes, digest, extents, target)
     return seen

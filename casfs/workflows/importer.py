@@ -278,8 +278,9 @@ class Importer:
             refs = [r for e in entries for r in e.refs()]
             self.group.obj(_Object(digest, layout.KIND_TREE, tree_plain, refs))
             ino = self._inos.give(d.rel) if d.rel else layout.ROOT_INO
-            self.seen[d.rel] = Seen(ino)
-            built[d.rel] = (self._entry(d, ino, digest=digest), totals)
+            entry = self._entry(d, ino, digest=digest)
+            self._remember(d, ino, entry)
+            built[d.rel] = (entry, totals)
             for c in d.children or ():
                 built.pop(c.rel, None)
             self._flush_if_full()
@@ -364,12 +365,15 @@ class Importer:
                     entry = self._read_file(c, ino)
                 except OSError as exc:
                     self._warn(f"{os.fsdecode(path)}: cannot read ({exc.strerror}); skipped")
+                    self._lost_name(st)
                     return None
         elif stat.S_ISLNK(st.st_mode):
+            last = self._unchanged(c)
             try:
-                target = os.readlink(path)
+                target = last.target if last is not None else os.readlink(path)
             except OSError as exc:
                 self._warn(f"{os.fsdecode(path)}: cannot read link ({exc.strerror}); skipped")
+                self._lost_name(st)
                 return None
             entry = self._entry(c, ino, target=target)
         else:
@@ -429,6 +433,7 @@ class Importer:
         size = content.pop("size", st.st_size if stat.S_ISREG(st.st_mode) else 0)
         if "target" in content:
             size = len(content["target"])
+        last = self._unchanged(n)  # its atime then: reading it since may have moved it
         return Entry(
             n.name,
             ino,
@@ -439,7 +444,7 @@ class Importer:
             st.st_rdev if (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) else 0,
             size,
             content.pop("data_bytes", 0),
-            st.st_atime_ns,
+            last.atime_ns if last is not None else st.st_atime_ns,
             st.st_mtime_ns,
             st.st_ctime_ns,
             xattrs=self._xattrs(n),
@@ -460,14 +465,27 @@ class Importer:
                 continue
         return tuple(out)
 
-    def _remember(self, c: Node, ino: int, entry: Entry) -> None:
-        st = c.st
-        if not _is_reg(c) or c.changed:
-            self.seen[c.rel] = Seen(ino)
+    def _lost_name(self, st: os.stat_result) -> None:
+        """A name the scan counted is not imported after all: the names read after it count
+        one link less. (A name lost after another name of its inode was stored is still
+        counted in that one's st_nlink.)"""
+        if st.st_nlink > 1:
+            self._names[(st.st_dev, st.st_ino)] -= 1
+
+    def _unchanged(self, n: Node) -> Seen | None:
+        """What the last import saw of ``n``, if ``n`` looks untouched since."""
+        last = self._last.get(n.rel)
+        return last if last is not None and last.matches(n.st) else None
+
+    def _remember(self, n: Node, ino: int, entry: Entry) -> None:
+        st = n.st
+        if n.changed:
+            self.seen[n.rel] = Seen(ino)
             return
-        self.seen[c.rel] = Seen(
-            ino, True, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-            entry.data_bytes, entry.digest, entry.extents,
+        digest = entry.digest if _is_reg(n) else b""
+        self.seen[n.rel] = Seen(
+            ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+            entry.atime_ns, entry.data_bytes, digest, entry.extents, entry.target,
         )  # fmt: skip
 
     # -- applying -------------------------------------------------------------------------
