@@ -16,14 +16,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from casfs.api import Casfs
 from casfs.errors import CasfsError, StoreError
 from casfs.fuse import control
 from casfs.fuse.mountpoint import FSTYPE, casfs_mount_of_store, find_mount, is_stale
 from casfs.store import layout
 from casfs.store.store import Store
-from casfs.tree import diff, restore, snapshots
-from casfs.tree.fs import Filesystem
-from casfs.workflows import importer
+from casfs.tree import diff
 from casfs.workflows.importer import Progress
 from casfs_cli.format import human_bytes
 
@@ -105,53 +104,37 @@ class MountTarget:
 
 
 class StoreTarget:
-    """A store that is not mounted, opened as its one writer."""
+    """A store that is not mounted, opened as its one writer through the Python API (so the
+    API and the command behave alike)."""
 
     def __init__(self, path: str) -> None:
-        self.store = Store(path)
-        self.fs = Filesystem(self.store)
+        self.api = Casfs(path)
+        self.store = self.api.store
         self.mountpoint = None
 
     def close(self) -> None:
-        self.fs.close()
-        self.store.close()
-
-    def _write(self, fn):
-        return self.store.run_write(fn)
+        self.api.close()
 
     def create(self, name: bytes) -> dict:
-        t = time.time_ns()
-        snap = self._write(lambda tx: snapshots.create(tx, self.store, self.fs.merkle, name, t))
-        return snapshots.describe(snap)
+        return self.api.snapshot(name)
 
     def delete(self, name: bytes) -> dict:
-        return snapshots.describe(self._write(lambda tx: snapshots.delete(tx, self.store, name)))
+        return self.api.delete_snapshot(name)
 
     def listing(self) -> list[dict]:
-        with self.store.read() as tx:
-            return [
-                snapshots.describe(s, snapshots.exclusive_bytes(tx, self.store, s.root.digest))
-                for s in snapshots.all_snapshots(tx)
-            ]
+        return self.api.snapshots()
 
     def diff(self, old: bytes, new: bytes) -> list[dict]:
-        def run(tx):
-            old_root = snapshots.root_of(tx, self.fs.merkle, old)
-            new_root = snapshots.root_of(tx, self.fs.merkle, new)
-            return [c.describe() for c in diff.diff(self.store, tx, old_root, new_root)]
-
-        return self._write(run)
+        return self.api.diff(old, new)
 
     def rollback(self, name: bytes) -> None:
-        self._write(lambda tx: restore.rollback(self.fs, tx, name))
+        self.api.rollback(name)
 
     def restore(self, name: bytes, path: bytes, dest: bytes | None, force: bool) -> None:
-        self._write(lambda tx: restore.restore(self.fs, tx, name, path, dest, force))
+        self.api.restore(name, path, dest, force)
 
     def import_tree(self, src: str, name: bytes, one_file_system: bool, progress) -> dict:
-        result = importer.import_offline(
-            self.store, src, name, one_file_system=one_file_system, progress=progress
-        )
+        result = self.api.put_tree(src, name, one_file_system=one_file_system, progress=progress)
         return result.describe()
 
     @contextlib.contextmanager
