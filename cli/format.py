@@ -9,3 +9,8 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    """``1 file``, ``2 files`` (with thousands separators)."""
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"

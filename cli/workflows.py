@@ -26,7 +26,7 @@ from casfs.store.store import Store
 from casfs.tree import identity
 from casfs.workflows import exporter, retention
 from casfs.workflows.importer import Progress
-from casfs_cli.format import human_bytes
+from casfs_cli.format import human_bytes, plural
 from casfs_cli.snapshots import open_target
 
 
@@ -86,7 +86,7 @@ def import_command(args: argparse.Namespace) -> int:
         took = time.monotonic() - started
         print(
             f"imported {one_line(src)} as snapshot {one_line(args.snapshot)}: "
-            f"{result['files']:,} files, {human_bytes(result['bytes_total'])} "
+            f"{plural(result['files'], 'file')}, {human_bytes(result['bytes_total'])} "
             f"({result['files_unchanged']:,} unchanged files not read, "
             f"{human_bytes(result['bytes_read'])} read, {human_bytes(result['bytes_new'])} "
             f"new in the store) in {took:.2f} s"
@@ -181,8 +181,9 @@ def export_command(args: argparse.Namespace) -> int:
     else:
         what = f"{args.name}:/{os.fsdecode(path)}" if path else f"snapshot {args.name}"
         print(one_line(
-            f"exported {what} to {args.dest}: {result.files:,} files, {result.dirs:,} "
-            f"directories, {human_bytes(result.bytes)} in {result.seconds:.2f} s"
+            f"exported {what} to {args.dest}: {plural(result.files, 'file')}, "
+            f"{plural(result.dirs, 'directory', 'directories')}, {human_bytes(result.bytes)} "
+            f"in {result.seconds:.2f} s"
         ))  # fmt: skip
     return 0
 

@@ -65,6 +65,7 @@ def fsck(
         refs += _check_merkle(store, tx, inodes, paths, report)
         _check_objects(tx, refs, report)
         _check_xattrs(tx, inodes, report)
+        _check_recut(tx, inodes, report)
         _check_stats(tx, inodes, report)
         if verify_data:
             _verify_data(store, tx, paths, report, progress)
@@ -278,6 +279,13 @@ def _check_xattrs(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> None:
         ino = layout.read_u64(key[:8])
         if ino not in inodes:
             report.add("leak", f"xattr {key[8:]!r} of missing inode {ino}")
+
+
+def _check_recut(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> None:
+    for key, _ in tx.prefix(b"recut", b""):
+        inode = inodes.get(layout.read_u64(key))
+        if inode is None or not inode.is_reg:
+            report.add("leak", f"recut mark of inode {layout.read_u64(key)}: no such file")
 
 
 def _check_stats(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> None:
