@@ -635,7 +635,7 @@ def test_json_prints_no_progress_even_on_a_terminal(tmp_path):
     assert tty == b""
     # without --json a terminal gets the progress bar (and stdout the summary line)
     code, out, tty = _run_on_a_tty("import", store, src, "-s", "two")
-    assert code == 0 and out.startswith(f"imported {src} as snapshot two: 1 files")
+    assert code == 0 and out.startswith(f"imported {src} as snapshot two: 1 file,")
     assert b"import" in tty and b"1/1 files" in tty
     # and a pipe gets nothing, with or without --json
     r = cli_ok("import", store, src, "-s", "three")
