@@ -37,6 +37,8 @@ from casfs.errors import StoreInUse
 from casfs.store import layout
 from casfs.store.store import Store
 from casfs.tree import snapshots, treeobjects
+from casfs.tree.fs import Filesystem
+from casfs.tree.fsck import fsck
 from casfs.workflows import importer
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown)")
@@ -640,3 +642,48 @@ def test_json_prints_no_progress_even_on_a_terminal(tmp_path):
     # and a pipe gets nothing, with or without --json
     r = cli_ok("import", store, src, "-s", "three")
     assert r.stderr == ""
+
+
+# -- unchanged subtrees are taken whole ---------------------------------------------------------
+
+
+def test_unchanged_subtrees_are_not_opened_and_a_change_rebuilds_its_path(tmp_path, monkeypatch):
+    """An unchanged directory tree is taken from the last import as it is (its files are not
+    even opened); a change deep down rebuilds just its own path; a directory that missed a
+    child last time is built again once the child is readable."""
+    src = tmp_path / "src"
+    for d in ("a/x", "a/y", "b"):
+        (src / d).mkdir(parents=True)
+        for i in range(3):
+            (src / d / f"f{i}").write_bytes(os.urandom(100 + i))
+    store = tmp_path / "store"
+    Filesystem.create_store(str(store)).close()
+    opened: list[bytes] = []
+    real_open = importer._open_noatime
+
+    def spy(path: bytes, flags: int = 0) -> int:
+        if not flags & os.O_DIRECTORY:
+            opened.append(os.path.relpath(path, os.fsencode(src)))
+        if path.endswith(b"b/f1") and "fail" in spy.__dict__:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags)
+
+    monkeypatch.setattr(importer, "_open_noatime", spy)
+    spy.fail = True
+    with Store(str(store)) as s:
+        first = importer.import_offline(s, str(src), b"one")
+        assert [w.split(":")[0].endswith("b/f1") for w in first.warnings] == [True]
+        del spy.fail
+        opened.clear()
+        (src / "a" / "x" / "f2").write_bytes(b"changed")
+        again = importer.import_offline(s, str(src), b"two")
+        # a/y is taken whole; a/x/f2 changed; b is built again (b/f1 was missing)
+        assert sorted(opened) == [b"a/x/f2", b"b/f1"]
+        assert again.files_unchanged == 7 and not again.warnings
+        opened.clear()
+        importer.import_offline(s, str(src), b"three")
+        assert opened == []
+        with s.read() as tx:
+            roots = [snapshots.find(tx, n).root.digest for n in (b"two", b"three")]
+        assert roots[0] == roots[1]
+        assert fsck(s).clean

@@ -15,29 +15,26 @@ unreadable cache file is simply ignored (the import then reads everything).
 
 from __future__ import annotations
 
+import marshal
 import os
 import stat
-import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import zstandard
 
 from casfs.store.codec import digest_of
-from casfs.tree.content import Extent
 
 FOLDER = "imports"
-_MAGIC = b"CASFSIC2"
-# path length, snapshot ino, mode, size, mtime, ctime, source ino, atime, data bytes, extents,
-# target length
-_ROW = struct.Struct(">HQIQqqQqQHH")
-_EXTENT = struct.Struct(">QI32s")
+_FORMAT = 4
 
 
-@dataclass(frozen=True, slots=True)
-class Seen:
+class Seen(NamedTuple):
     """One path of the last import. For a regular file, ``digest`` names its manifest (large
-    file) or ``extents`` lists its chunks (small file); a symlink has its ``target``. A
-    ``mode`` of 0 never matches (a file that changed while it was read)."""
+    file) or ``extents`` lists its chunks as (offset, length, digest) (small file); a symlink
+    has its ``target``; a directory has its tree object's ``digest`` and ``totals`` (files,
+    dirs, bytes). A ``mode`` of 0 never matches (a file that changed while it was read, a
+    directory with a child that could not be imported). Plain tuples inside, so the whole
+    cache is one ``marshal`` call each way."""
 
     ino: int
     mode: int = 0
@@ -48,8 +45,10 @@ class Seen:
     atime_ns: int = 0
     data_bytes: int = 0
     digest: bytes = b""
-    extents: tuple[Extent, ...] = ()
+    extents: tuple[tuple[int, int, bytes], ...] = ()
     target: bytes = b""
+    totals: tuple[int, int, int] = (0, 0, 0)
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
 
     def matches(self, st: os.stat_result) -> bool:
         """The source path looks untouched since: same type, size, mtime, ctime and inode."""
@@ -63,28 +62,51 @@ class Seen:
         )
 
 
+class Last:
+    """The last import's paths (relative, '/'-separated) as stored: rows are made
+    :class:`Seen` only when asked for."""
+
+    def __init__(self, rows: dict[bytes, tuple]) -> None:
+        self.rows = rows
+
+    def get(self, rel: bytes) -> Seen | None:
+        row = self.rows.get(rel)
+        return Seen._make(row) if row is not None else None
+
+    def __getitem__(self, rel: bytes) -> Seen:
+        return Seen._make(self.rows[rel])
+
+    def __contains__(self, rel: bytes) -> bool:
+        return rel in self.rows
+
+
 def cache_path(store_path: str, source: bytes) -> str:
     """The cache file of the absolute source path ``source``."""
     name = digest_of(source).hex()[:32]
     return os.path.join(store_path, FOLDER, name)
 
 
-def load(store_path: str, source: bytes) -> dict[bytes, Seen]:
-    """The last import's paths (relative, '/'-separated), or {} when there is none usable."""
+def load(store_path: str, source: bytes) -> Last:
+    """The last import of ``source``, or an empty one when there is none usable."""
     try:
         with open(cache_path(store_path, source), "rb") as f:
             raw = zstandard.ZstdDecompressor().decompress(f.read())
-        return _decode(raw, source)
-    except (OSError, zstandard.ZstdError, struct.error, ValueError, IndexError):
-        return {}
+        fmt, stored_source, rows = marshal.loads(raw)
+        if fmt != _FORMAT or stored_source != source or not isinstance(rows, dict):
+            raise ValueError("a cache of another format or source")
+        return Last(rows)
+    except (OSError, zstandard.ZstdError, ValueError, EOFError, TypeError):
+        return Last({})
 
 
-def save(store_path: str, source: bytes, seen: dict[bytes, Seen]) -> None:
-    """Replace the cache of ``source`` (atomically: a crash leaves the old one or the new)."""
+def save(store_path: str, source: bytes, rows: dict[bytes, tuple]) -> None:
+    """Replace the cache of ``source`` (atomically: a crash leaves the old one or the new).
+    ``rows`` are :class:`Seen` values or the plain tuples :attr:`Last.rows` holds."""
     folder = os.path.join(store_path, FOLDER)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     path = cache_path(store_path, source)
-    data = zstandard.ZstdCompressor(level=3).compress(_encode(seen, source))
+    plain = {rel: tuple(row) for rel, row in rows.items()}
+    data = zstandard.ZstdCompressor(level=1).compress(marshal.dumps((_FORMAT, source, plain)))
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
@@ -92,41 +114,3 @@ def save(store_path: str, source: bytes, seen: dict[bytes, Seen]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
-
-
-def _encode(seen: dict[bytes, Seen], source: bytes) -> bytes:
-    out = [_MAGIC, struct.pack(">H", len(source)), source]
-    for path, s in seen.items():
-        row = (s.ino, s.mode, s.size, s.mtime_ns, s.ctime_ns, s.source_ino, s.atime_ns)
-        out.append(_ROW.pack(len(path), *row, s.data_bytes, len(s.extents), len(s.target)))
-        out.append(path)
-        out.append(s.digest or bytes(32))
-        out.extend(_EXTENT.pack(x.offset, x.length, x.digest) for x in s.extents)
-        out.append(s.target)
-    return b"".join(out)
-
-
-def _decode(raw: bytes, source: bytes) -> dict[bytes, Seen]:
-    if not raw.startswith(_MAGIC):
-        raise ValueError("not a files cache")
-    pos = len(_MAGIC)
-    (n,) = struct.unpack_from(">H", raw, pos)
-    pos += 2
-    if raw[pos : pos + n] != source:
-        raise ValueError("cache of another source")  # a hash collision of the file name
-    pos += n
-    seen: dict[bytes, Seen] = {}
-    while pos < len(raw):
-        plen, ino, mode, size, mt, ct, sino, at, data_bytes, nx, tlen = _ROW.unpack_from(raw, pos)
-        pos += _ROW.size
-        path = raw[pos : pos + plen]
-        digest = raw[pos + plen : pos + plen + 32]
-        pos += plen + 32
-        extents = tuple(Extent(*x) for x in _EXTENT.iter_unpack(raw[pos : pos + nx * 44]))
-        pos += nx * _EXTENT.size
-        target = raw[pos : pos + tlen]
-        pos += tlen
-        if digest == bytes(32):
-            digest = b""
-        seen[path] = Seen(ino, mode, size, mt, ct, sino, at, data_bytes, digest, extents, target)
-    return seen

@@ -155,8 +155,9 @@ def _join(src: bytes, rel: bytes) -> bytes:
     return src + b"/" + rel if rel else src
 
 
-def _post_order(root: Node) -> Iterator[Node]:
-    """Directories, each after all the directories below it."""
+def _post_order(root: Node, whole: set[bytes]) -> Iterator[Node]:
+    """Directories, each after all the directories below it; nothing below those in
+    ``whole`` (taken as they are)."""
     stack = [(root, False)]
     while stack:
         node, expanded = stack.pop()
@@ -164,7 +165,13 @@ def _post_order(root: Node) -> Iterator[Node]:
             yield node
             continue
         stack.append((node, True))
-        stack.extend((c, False) for c in reversed(node.children or ()) if c.children is not None)
+        if node.rel not in whole:
+            dirs = (c for c in reversed(node.children or ()) if c.children is not None)
+            stack.extend((c, False) for c in dirs)
+
+
+def _parent(rel: bytes) -> bytes:
+    return rel.rpartition(b"/")[0]
 
 
 # -- changes to apply -----------------------------------------------------------------------
@@ -237,7 +244,7 @@ class Importer:
         self.progress = Progress()
         self._reported = 0.0
         self.held: Counter[bytes] = Counter()  # references the import holds (pinned)
-        self.seen: dict[bytes, Seen] = {}  # the files cache to save
+        self.seen: dict[bytes, tuple] = {}  # the files cache to save (Seen or plain rows)
         self.root: Entry | None = None
         self.group = _Group()  # changes being gathered
         self.waiting: _Group | None = None  # gathered, compressing, applied at the next flush
@@ -268,18 +275,24 @@ class Importer:
         base = self.access.write(lambda tx: _reserve_inos(tx, new_inos))
         self._inos = _InoGiver(last, base)
         self._links: dict[tuple[int, int], tuple[int, Entry]] = {}  # first name's ino, entry
+        self._counted: set[tuple[int, int]] = set()  # hard-linked inodes counted as unchanged
         self._names = names
         self._last = last
         built: dict[bytes, tuple[Entry, Totals]] = {}  # finished subdirectories by rel path
-        for d in _post_order(root):
-            entries, totals = self._directory(d, built)
+        same = self._unchanged_trees(root)
+        for d in _post_order(root, same):
+            ino = self._inos.give(d.rel) if d.rel else layout.ROOT_INO
+            if d.rel in same:
+                built[d.rel] = self._reuse_tree(d, ino)
+                continue
+            entries, totals, whole = self._directory(d, built)
             tree_plain = treeobjects.encode_tree(entries, totals)
             digest = digest_of(tree_plain)
             refs = [r for e in entries for r in e.refs()]
             self.group.obj(_Object(digest, layout.KIND_TREE, tree_plain, refs))
-            ino = self._inos.give(d.rel) if d.rel else layout.ROOT_INO
             entry = self._entry(d, ino, digest=digest)
-            self._remember(d, ino, entry)
+            d.changed = not whole  # a tree missing a child must be built again next time
+            self._remember(d, ino, entry, totals)
             built[d.rel] = (entry, totals)
             for c in d.children or ():
                 built.pop(c.rel, None)
@@ -293,11 +306,50 @@ class Importer:
         self.result.bytes_total = self.totals.bytes
         self._report(force=True)
 
+    def _unchanged_trees(self, root: Node) -> set[bytes]:
+        """Directories whose whole subtree looks untouched since the last import (every path
+        below has the same lstat values) and whose tree object the store still holds. Their
+        tree objects are taken as they are: nothing below them is opened or read."""
+        same: set[bytes] = set()
+        for d in _post_order(root, set()):
+            last = self._unchanged(d)
+            if last is None or not last.digest:
+                continue
+            if all(
+                c.rel in same if c.children is not None else self._unchanged(c) is not None
+                for c in d.children or ()
+            ):
+                same.add(d.rel)
+        tops = {rel: self._last[rel].digest for rel in same if not rel or _parent(rel) not in same}
+
+        def check(tx: Tx) -> list[bytes]:
+            return [rel for rel, digest in tops.items() if not self.store.has_object(tx, digest)]
+
+        for gone in self.access.read(check) if tops else ():  # freed since: build again
+            same = {r for r in same if gone and r != gone and not r.startswith(gone + b"/")}
+        return same
+
+    def _reuse_tree(self, d: Node, ino: int) -> tuple[Entry, Totals]:
+        """Directory ``d`` as the last import stored it (see :meth:`_unchanged_trees`)."""
+        last = self._last[d.rel]
+        entry = self._entry(d, ino, digest=last.digest)
+        self.group.hold([last.digest])
+        for n in _walk_all(d):
+            self.seen[n.rel] = self._last.rows[n.rel]
+            if _is_reg(n):
+                self._count_unchanged(n.st)
+                self.progress.bytes += n.st.st_size
+            if n.children is None:
+                self.progress.files += 1
+        self.progress.path = d.rel
+        self._report()
+        return entry, Totals(*last.totals)
+
     def _directory(
         self, d: Node, built: dict[bytes, tuple[Entry, Totals]]
-    ) -> tuple[list[Entry], Totals]:
-        """The entries of directory ``d`` (its subdirectories are built); its files' content
-        goes into the group being gathered."""
+    ) -> tuple[list[Entry], Totals, bool]:
+        """The entries of directory ``d`` (its subdirectories are built), and whether every
+        child made it in; its files' content goes into the group being gathered."""
         entries: list[Entry] = []
         totals = Totals()
         children = d.children or []
@@ -318,7 +370,7 @@ class Importer:
             self.progress.files += 1
             self.progress.path = c.rel
             self._report()
-        return entries, totals
+        return entries, totals, len(entries) == len(children)
 
     def _known_content(self, children: list[Node]) -> dict[bytes, Seen]:
         """The files of ``children`` the files cache vouches for, whose objects the store
@@ -337,7 +389,7 @@ class Importer:
                 rel: s
                 for rel, s in maybe.items()
                 if all(has(tx, d) for d in ([s.digest] if s.digest else []))
-                and all(has(tx, x.digest) for x in s.extents)
+                and all(has(tx, x[2]) for x in s.extents)
             }
 
         return self.access.read(check)
@@ -355,10 +407,11 @@ class Importer:
         ino = self._inos.give(c.rel)
         if stat.S_ISREG(st.st_mode):
             if known is not None:
-                entry = self._entry(c, ino, digest=known.digest, extents=known.extents,
+                extents = tuple(Extent(*x) for x in known.extents)
+                entry = self._entry(c, ino, digest=known.digest, extents=extents,
                                     data_bytes=known.data_bytes)  # fmt: skip
                 group.hold(entry.refs())
-                self.result.files_unchanged += 1
+                self._count_unchanged(st)
                 self.progress.bytes += st.st_size
             else:
                 try:
@@ -391,7 +444,7 @@ class Importer:
         extents: list[Extent] = []
         size = data_bytes = 0
         try:
-            for piece, data in self.pipeline.cut_stream(self._blocks(fd)):
+            for piece, data in self.pipeline.cut_stream(self._blocks(fd, c.st.st_size)):
                 size = piece.offset + piece.length
                 if piece.digest is not None:  # else all zeros: a hole
                     self.group.chunk(piece.digest, data)
@@ -414,8 +467,13 @@ class Importer:
             return self._entry(c, ino, digest=digest, **content)
         return self._entry(c, ino, extents=tuple(extents), **content)
 
-    def _blocks(self, fd: int) -> Iterator[bytes]:
-        while block := os.read(fd, READ_BLOCK):
+    def _blocks(self, fd: int, size: int) -> Iterator[bytes]:
+        """The file's bytes in blocks. Each read asks for what stat said is left (plus a
+        page, to meet the end): os.read allocates the whole size asked for, and an 8 MiB
+        buffer per small file would cost more than reading it."""
+        pos = 0
+        while block := os.read(fd, min(READ_BLOCK, max(size - pos, 0) + 4096)):
+            pos += len(block)
             self.result.bytes_read += len(block)
             self.progress.bytes += len(block)
             self._report()
@@ -447,7 +505,7 @@ class Importer:
             last.atime_ns if last is not None else st.st_atime_ns,
             st.st_mtime_ns,
             st.st_ctime_ns,
-            xattrs=self._xattrs(n),
+            xattrs=last.xattrs if last is not None else self._xattrs(n),
             **content,
         )
 
@@ -472,20 +530,31 @@ class Importer:
         if st.st_nlink > 1:
             self._names[(st.st_dev, st.st_ino)] -= 1
 
+    def _count_unchanged(self, st: os.stat_result) -> None:
+        """One more file not read: an inode counts once, whichever of its names is met."""
+        if st.st_nlink > 1:
+            if (st.st_dev, st.st_ino) in self._counted:
+                return
+            self._counted.add((st.st_dev, st.st_ino))
+        self.result.files_unchanged += 1
+
     def _unchanged(self, n: Node) -> Seen | None:
         """What the last import saw of ``n``, if ``n`` looks untouched since."""
         last = self._last.get(n.rel)
         return last if last is not None and last.matches(n.st) else None
 
-    def _remember(self, n: Node, ino: int, entry: Entry) -> None:
+    def _remember(self, n: Node, ino: int, entry: Entry, totals: Totals | None = None) -> None:
         st = n.st
         if n.changed:
             self.seen[n.rel] = Seen(ino)
             return
-        digest = entry.digest if _is_reg(n) else b""
+        digest = entry.digest if _is_reg(n) or n.children is not None else b""
+        sums = (totals.files, totals.dirs, totals.bytes) if totals else (0, 0, 0)
         self.seen[n.rel] = Seen(
             ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-            entry.atime_ns, entry.data_bytes, digest, entry.extents, entry.target,
+            entry.atime_ns, entry.data_bytes, digest,
+            tuple((x.offset, x.length, x.digest) for x in entry.extents), entry.target, sums,
+            entry.xattrs,
         )  # fmt: skip
 
     # -- applying -------------------------------------------------------------------------
@@ -557,7 +626,8 @@ class Importer:
         self.held[root.digest] -= 1
         self.held = +self.held
         try:
-            filescache.save(self.store.path, self.src, self.seen)
+            if self.seen != self._last.rows:  # (a Seen equals its plain tuple)
+                filescache.save(self.store.path, self.src, self.seen)
         except OSError as exc:
             self._warn(f"could not save the files cache ({exc.strerror}); next import reads all")
         self.result.snapshot = snapshots.describe(snap)
