@@ -7,10 +7,11 @@ with a non-zero exit; argparse's own errors are folded to one line too.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
 
 from casfs.errors import CasfsError
-from casfs_cli import commands, mounting, snapshots, workflows
 
 EXIT_PROBLEMS = 1  # fsck found problems
 EXIT_ERROR = 2  # the command could not do what was asked
@@ -19,6 +20,18 @@ EXIT_ERROR = 2  # the command could not do what was asked
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, not usage + error
         self.exit(EXIT_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
+    """``module.function`` of this package, imported when the command runs: a command then
+    loads only what it uses (trio and pyfuse3 cost more to import than most commands take)."""
+
+    def run(args: argparse.Namespace) -> int | None:
+        module, name = target.rsplit(".", 1)
+        return getattr(importlib.import_module(f"casfs_cli.{module}"), name)(args)
+
+    run.__qualname__ = target
+    return run
 
 
 def size_arg(text: str) -> int:
@@ -51,18 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="FastCDC average chunk size: 16K, 32K or 64K (default 64K)",
     )
     s.add_argument("--zstd-level", type=int, default=3, metavar="N", help="1..22 (default 3)")
-    s.set_defaults(run=commands.init)
+    s.set_defaults(run=_lazy("commands.init"))
 
     s = sub.add_parser("stats", help="space used, compression and dedup ratios")
     s.add_argument("store", metavar="STORE")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(run=commands.stats)
+    s.set_defaults(run=_lazy("commands.stats"))
 
     s = sub.add_parser("fsck", help="check refcounts, links and (optionally) every byte")
     s.add_argument("store", metavar="STORE")
     s.add_argument("--verify-data", action="store_true", help="also decode and hash every object")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    s.set_defaults(run=commands.fsck)
+    s.set_defaults(run=_lazy("commands.fsck"))
 
     s = sub.add_parser("mount", help="mount a store's live tree (daemonizes unless --foreground)")
     s.add_argument("store", metavar="STORE")
@@ -77,12 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="memory for buffered writes before they are stored (default 256M)",
     )
-    s.set_defaults(run=mounting.mount)
+    s.set_defaults(run=_lazy("mounting.mount"))
 
     s = sub.add_parser("umount", help="flush, unmount and wait for the daemon to finish")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.add_argument("--lazy", "-z", action="store_true", help="detach even if busy")
-    s.set_defaults(run=mounting.umount)
+    s.set_defaults(run=_lazy("mounting.umount"))
 
     s = sub.add_parser(
         "snapshot",
@@ -94,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", metavar="NAME", nargs="?", help="snapshot to take (or, with -d, delete)")
     s.add_argument("-d", "--delete", action="store_true", help="delete snapshot NAME")
     s.add_argument("--json", action="store_true", help="print JSON")
-    s.set_defaults(run=snapshots.snapshot)
+    s.set_defaults(run=_lazy("snapshots.snapshot"))
 
     s = sub.add_parser(
         "diff",
@@ -106,12 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("old", metavar="OLD", help="snapshot name or @live")
     s.add_argument("new", metavar="NEW", help="snapshot name or @live")
     s.add_argument("--json", action="store_true", help="print a JSON list")
-    s.set_defaults(run=snapshots.diff_command)
+    s.set_defaults(run=_lazy("snapshots.diff_command"))
 
     s = sub.add_parser("rollback", help="make the live tree equal to a snapshot (no data copied)")
     s.add_argument("target", metavar="MOUNT_OR_STORE")
     s.add_argument("name", metavar="NAME")
-    s.set_defaults(run=snapshots.rollback)
+    s.set_defaults(run=_lazy("snapshots.rollback"))
 
     s = sub.add_parser(
         "restore", help="put a file or directory from a snapshot into the live tree (no copy)"
@@ -121,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", metavar="PATH", help="path inside the snapshot")
     s.add_argument("dest", metavar="DEST", nargs="?", help="live path (default: PATH)")
     s.add_argument("--force", action="store_true", help="replace DEST if it exists")
-    s.set_defaults(run=snapshots.restore_command)
+    s.set_defaults(run=_lazy("snapshots.restore_command"))
 
     s = sub.add_parser(
         "import",
@@ -139,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--one-file-system", "-x", action="store_true", help="do not descend into other mounts"
     )
     s.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
-    s.set_defaults(run=workflows.import_command)
+    s.set_defaults(run=_lazy("workflows.import_command"))
 
     s = sub.add_parser(
         "export",
@@ -154,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("path", metavar="PATH", nargs="?", help="only this path of the snapshot")
     s.add_argument("--force", action="store_true", help="overwrite what exists at DEST")
     s.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
-    s.set_defaults(run=workflows.export_command)
+    s.set_defaults(run=_lazy("workflows.export_command"))
 
     s = sub.add_parser(
         "digest",
@@ -166,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("paths", metavar="PATH", nargs="+")
     s.add_argument("--store", metavar="STORE", help="digest files anywhere as STORE would")
-    s.set_defaults(run=workflows.digest_command)
+    s.set_defaults(run=_lazy("workflows.digest_command"))
 
     s = sub.add_parser(
         "prune",
@@ -181,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", "-P", default="", metavar="P", help="only snapshots named P...")
     s.add_argument("--dry-run", "-n", action="store_true", help="show, delete nothing")
     s.add_argument("--json", action="store_true", help="print JSON")
-    s.set_defaults(run=workflows.prune_command)
+    s.set_defaults(run=_lazy("workflows.prune_command"))
 
     s = sub.add_parser(
         "compact",
@@ -192,11 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("store", metavar="STORE")
     s.add_argument("--json", action="store_true", help="print a JSON summary")
-    s.set_defaults(run=workflows.compact_command)
+    s.set_defaults(run=_lazy("workflows.compact_command"))
 
     s = sub.add_parser("demo", help="make a demo store filled with sample files and show its stats")
     s.add_argument("dir", metavar="DIR", nargs="?", default="/tmp/casfs-demo")
-    s.set_defaults(run=commands.demo)
+    s.set_defaults(run=_lazy("commands.demo"))
     return p
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from casfs.api import Casfs
 from casfs.errors import CasfsError, StoreError
-from casfs.fuse import control
 from casfs.fuse.mountpoint import FSTYPE, casfs_mount_of_store, find_mount, is_stale
 from casfs.store import layout
 from casfs.store.store import Store
@@ -42,8 +41,10 @@ class MountTarget:
         request = json.dumps({"op": op, **args}).encode() + b"\n"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CONTROL_TIMEOUT)
+            from casfs.fuse.control import socket_path  # (imports trio: only when needed)
+
             try:
-                with control.socket_path(self.store) as path:
+                with socket_path(self.store) as path:
                     sock.connect(path)
             except OSError:
                 raise CasfsError(

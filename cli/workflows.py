@@ -16,11 +16,9 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-
-from tqdm import tqdm
+from typing import Any
 
 from casfs.errors import CasfsError
-from casfs.store import compact
 from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store
 from casfs.tree import identity
@@ -34,7 +32,7 @@ class Bar:
     """A progress bar on a terminal (stderr); nothing in a pipe or with ``--json``."""
 
     def __init__(self, quiet: bool, what: str) -> None:
-        self.bar: tqdm | None = None
+        self.bar: Any = None
         self.quiet = quiet or not sys.stderr.isatty()
         self.what = what
 
@@ -48,6 +46,8 @@ class Bar:
         if self.quiet:
             return
         if self.bar is None:
+            from tqdm import tqdm  # (slow to import: only for a terminal)
+
             self.bar = tqdm(
                 total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=self.what,
                 dynamic_ncols=True, leave=False, file=sys.stderr,
@@ -149,7 +149,9 @@ def prune_command(args: argparse.Namespace) -> int:
 
 def compact_command(args: argparse.Namespace) -> int:
     show = progress_printer(args.json)
-    result = compact.compact(args.store, show)
+    from casfs.store.compact import compact
+
+    result = compact(args.store, show)
     if show is not None:
         print(file=sys.stderr)
     if args.json:

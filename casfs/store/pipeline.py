@@ -113,11 +113,7 @@ class Pipeline:
     def hash_chunks(self, chunks: Sequence[tuple[int, memoryview]]) -> Future[list[Piece]]:
         """Hash (file offset, bytes) chunks in the pool; all-zero chunks get no digest (they
         become holes)."""
-
-        def work(part: Sequence[tuple[int, memoryview]]) -> list[Piece]:
-            return [Piece(off, len(c), None if _is_zero(c) else digest_of(c)) for off, c in part]
-
-        return self.spread_async(work, chunks, sum(len(c) for _, c in chunks))
+        return self.spread_async(_hash, chunks, sum(len(c) for _, c in chunks))
 
     def compress_async(self, chunks: Sequence[memoryview | bytes]) -> Future[list[bytes]]:
         """``objects`` values for plain chunks, in the pool."""
@@ -145,7 +141,8 @@ class Pipeline:
                 spans = spans_of(base, lengths)
             view = memoryview(buf)
             chunks = [(off, view[off - base : off - base + n]) for off, n in spans]
-            for piece, (_, data) in zip(self.hash_chunks(chunks).result(), chunks, strict=True):
+            pieces = self._spread(_hash, chunks, sum(n for _, n in spans))  # no future if small
+            for piece, (_, data) in zip(pieces, chunks, strict=True):
                 yield piece, data
             used = sum(n for _, n in spans)
             carry = bytes(view[used:])
@@ -164,6 +161,10 @@ class Pipeline:
         return self._spread(
             lambda part: [decode(d, v) for d, v in part], items, sum(len(v) for _, v in items)
         )
+
+
+def _hash(part: Sequence[tuple[int, memoryview]]) -> list[Piece]:
+    return [Piece(off, len(c), None if _is_zero(c) else digest_of(c)) for off, c in part]
 
 
 def _done(value: R) -> Future[R]:

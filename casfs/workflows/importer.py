@@ -118,25 +118,17 @@ def scan(
         node = stack.pop()
         path = _join(src, node.rel)
         try:
-            fd = _open_noatime(path, os.O_DIRECTORY)
+            with os.scandir(path) as it:  # (a listing may move the atime: filescache keeps it)
+                found = sorted((d.name, d) for d in it)
         except OSError as exc:
             warn(f"{os.fsdecode(path)}: cannot list ({exc.strerror}); imported as empty")
             continue
-        try:
-            with os.scandir(fd) as it:
-                found = sorted(it, key=lambda d: os.fsencode(d.name))
-            listed = []
-            for d in found:
-                try:
-                    listed.append((os.fsencode(d.name), d.stat(follow_symlinks=False)))
-                except OSError as exc:
-                    warn(f"{os.fsdecode(path)}/{d.name}: {exc.strerror}; skipped")
-        except OSError as exc:
-            warn(f"{os.fsdecode(path)}: cannot list ({exc.strerror}); imported as empty")
-            continue
-        finally:
-            os.close(fd)
-        for name, st in listed:
+        for name, d in found:
+            try:
+                st = d.stat(follow_symlinks=False)
+            except OSError as exc:
+                warn(f"{os.fsdecode(d.path)}: {exc.strerror}; skipped")
+                continue
             rel = node.rel + b"/" + name if node.rel else name
             child = Node(name, rel, st)
             assert node.children is not None
