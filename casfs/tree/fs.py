@@ -207,6 +207,9 @@ class Filesystem:
         if not self.is_held(inode.ino):
             self._free(tx, inode.ino)
 
+    def _is_recut(self, tx: Tx, ino: int) -> bool:
+        return tx.get(b"recut", layout.ino_key(ino)) is not None
+
     def _set_recut(self, tx: Tx, ino: int, recut: bool) -> None:
         """Mark (or clear) a file whose chunks may differ from one whole-file cut."""
         if recut:
@@ -469,7 +472,7 @@ class Filesystem:
         """Steps to regular file ``ino``'s content digest (:mod:`casfs.tree.identity`)."""
         with self.store.read() as tx:
             inode = self._regular(tx, ino)
-            recut = tx.get(b"recut", layout.ino_key(ino)) is not None
+            recut = self._is_recut(tx, ino)
             extents = [] if recut else file_extents(tx, ino)
         read = functools.partial(self.read, ino)
         return identity.steps(self.pipeline, inode.size, extents, recut, read)
@@ -681,12 +684,17 @@ class Filesystem:
         data_bytes = inode.data_bytes
         if inode.is_reg:
             extents = self._snapshot_extents(tx, entry)
-            if self.content.extents(tx, ino) != extents:
-                self.content.drop_all(tx, ino)
-                self._put_extents(tx, ino, extents)
+            same = self.content.extents(tx, ino) == extents
+            if not same or self._is_recut(tx, ino) != entry.recut:
+                if not same:
+                    self.content.drop_all(tx, ino)
+                    self._put_extents(tx, ino, extents)
+                    data_bytes = entry.data_bytes
                 self._content_changed(tx, ino)
-                data_bytes = entry.data_bytes
                 self._set_recut(tx, ino, entry.recut)
+                # new content is a change of the inode (and the mount keys what it remembers
+                # of a file's content on its ctime), even when the attributes end up equal
+                inode = inode.but(ctime_ns=now_ns())
         want = inode.but(
             mode=entry.mode,
             uid=entry.uid,

@@ -117,18 +117,26 @@ def scan(
     while stack:
         node = stack.pop()
         path = _join(src, node.rel)
-        try:
-            with os.scandir(path) as it:  # (a listing may move the atime: filescache keeps it)
-                found = sorted((d.name, d) for d in it)
+        try:  # listed through an O_NOATIME descriptor: a listing would move the atime
+            fd = _open_noatime(path, os.O_DIRECTORY)
         except OSError as exc:
             warn(f"{os.fsdecode(path)}: cannot list ({exc.strerror}); imported as empty")
             continue
-        for name, d in found:
-            try:
-                st = d.stat(follow_symlinks=False)
-            except OSError as exc:
-                warn(f"{os.fsdecode(d.path)}: {exc.strerror}; skipped")
-                continue
+        try:
+            with os.scandir(fd) as it:
+                found = sorted((os.fsencode(d.name), d) for d in it)
+            listed = []
+            for name, d in found:
+                try:
+                    listed.append((name, d.stat(follow_symlinks=False)))
+                except OSError as exc:
+                    warn(f"{os.fsdecode(path + b'/' + name)}: {exc.strerror}; skipped")
+        except OSError as exc:
+            warn(f"{os.fsdecode(path)}: cannot list ({exc.strerror}); imported as empty")
+            continue
+        finally:
+            os.close(fd)
+        for name, st in listed:
             rel = node.rel + b"/" + name if node.rel else name
             child = Node(name, rel, st)
             assert node.children is not None
