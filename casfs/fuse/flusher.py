@@ -214,8 +214,10 @@ class Flusher:
         need = nbytes + self._batch_bytes + RESERVE_BYTES
         if self._disk_free() >= need:
             return
-        self.commit()  # what is pending may fit now, and LMDB can reuse its free pages
-        if self._disk_free() < nbytes + RESERVE_BYTES:
+        # Commit what is pending; on a nearly full disk the commit also moves LMDB on, so the
+        # pages deletes freed inside the data file are usable by the next batch (Store.advance)
+        self.commit()
+        if self._disk_free() + self.store.free_inside() < nbytes + RESERVE_BYTES:
             raise NoSpace(f"store {self.store.path}: no space left on device")
 
     def _disk_free(self) -> int:

@@ -54,14 +54,13 @@ import lmdb
 
 from casfs.errors import CasfsError, NoSpace, StoreError, StoreInUse
 from casfs.store import layout
-from casfs.store.store import Store, _lmdb_failure
+from casfs.store.store import Store, _lmdb_failure, used_pages
 
 TEMP_DIR = "compact.tmp"  # inside the store directory; holds the copy's data.mdb
 DATA_FILE = "data.mdb"
 LMDB_LOCK_FILE = "lock.mdb"
 POLL_SECONDS = 0.2  # how often progress is reported while LMDB copies
 SPACE_SLACK = 1 << 20  # free space wanted beyond the copy itself (filesystem metadata)
-META_PAGES = 2
 
 ProgressFn = Callable[[int, int], None]
 
@@ -221,10 +220,7 @@ def _compacted_size(
     psize = env.stat()["psize"]
     if census.entries[None] != len(layout.DB_NAMES):
         return (env.info()["last_pgno"] + 1) * psize
-    pages = META_PAGES
-    for stat in [txn.stat()] + [txn.stat(dbs[name]) for name in layout.DB_NAMES]:
-        pages += stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
-    return pages * psize
+    return used_pages(txn, {name: dbs[name] for name in layout.DB_NAMES}) * psize
 
 
 def _check_space(path: str, need: int) -> None:

@@ -102,6 +102,7 @@ META_CHUNK_AVG = b"chunk_avg"
 META_CHUNK_MAX = b"chunk_max"
 META_ZSTD_LEVEL = b"zstd_level"
 META_NEXT_SNAPSHOT = b"next_snapshot"  # snapshot ids are never reused (inode numbers)
+META_COMMITS = b"commits"  # bumped by Store.advance: a commit that only moves LMDB on
 # Statistics counters, kept exact in the same transaction as the change they count, so that
 # `casfs stats` and statfs never scan a table.
 STAT_OBJECTS = b"stat.objects"  # number of stored objects

@@ -175,6 +175,17 @@ def _disk_nearly_full(path: str) -> bool:
     return avail < NEARLY_FULL_BYTES or avail < st.f_blocks * st.f_frsize * 0.01
 
 
+META_PAGES = 2  # LMDB's two meta pages at the start of the file
+
+
+def used_pages(txn: lmdb.Transaction, dbs: dict[bytes, object]) -> int:
+    """Pages the databases of a store use (LMDB's own free list not counted)."""
+    pages = META_PAGES
+    for stat in [txn.stat()] + [txn.stat(db) for db in dbs.values()]:
+        pages += stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+    return pages
+
+
 def read_marker(path: str) -> dict:
     """The store's marker file, checked; raises a one-line :class:`StoreError` otherwise."""
     if not os.path.exists(path):
@@ -250,6 +261,7 @@ class Store:
             raise StoreError(f"store {self.path}: database does not match its marker file")
         self.codec = Codec(zstd_level)
         self._reserve_held = False
+        self._advancing = False
         if writer:
             self._hold_reserve()
 
@@ -428,9 +440,11 @@ class Store:
                 failure = _lmdb_failure(exc, self.path)
                 if self._batch is not None:
                     self.abort_batch()
-                elif isinstance(failure, NoSpace) and tx.written <= RESERVE_TX_BYTES:
-                    if self._give_up_reserve():
+                elif isinstance(failure, NoSpace):
+                    if tx.written <= RESERVE_TX_BYTES and self._give_up_reserve():
                         continue  # a delete or rename on a full disk: the reserve makes room
+                    if self.advance():
+                        continue  # pages the last commit freed are usable now
                 raise failure from None
             if not self._reserve_held and self._batch is None:
                 self._hold_reserve()
@@ -461,9 +475,14 @@ class Store:
             batch.commit()
             if durable:
                 self.sync()
+            if _disk_nearly_full(self.path):
+                self.advance()  # what this batch freed is then usable by the next one
         except lmdb.Error as exc:
             batch.txn.abort()
-            raise _lmdb_failure(exc, self.path) from None
+            failure = _lmdb_failure(exc, self.path)
+            if isinstance(failure, NoSpace):
+                self.advance()  # so that the next try may use what the last commit freed
+            raise failure from None
 
     def abort_batch(self) -> None:
         if self._batch is not None:
@@ -505,6 +524,31 @@ class Store:
         finally:
             if reopen and self._batch is None:
                 self.begin_batch()
+
+    def advance(self) -> bool:
+        """Commit a one-key transaction. LMDB reuses the pages a commit freed only from the
+        second commit after it (a reader may still be looking at the one before), so on a
+        full disk, where nothing else can commit, the space that deletes freed inside the
+        file would never come back. A small commit moves LMDB on (it may take the reserve).
+        Returns whether it committed."""
+        if self._advancing or self._batch is not None:
+            return False
+        self._advancing = True
+        try:
+            self.run_write(lambda tx: tx.add_u64(layout.META_COMMITS, 1))
+            return True
+        except NoSpace:
+            return False
+        finally:
+            self._advancing = False
+
+    def free_inside(self) -> int:
+        """Bytes of the data file's pages that no database uses (freed, reused by later
+        writes): a full disk has this much room for casfs."""
+        with self.read() as tx:
+            pages = used_pages(tx.txn, self.dbs)
+        info = self.env.info()
+        return max(0, (info["last_pgno"] + 1 - pages) * self.env.stat()["psize"])
 
     def _hold_reserve(self) -> None:
         """Keep RESERVE_BYTES of the disk in a file of the store's. LMDB writes every change
