@@ -30,6 +30,7 @@ from casfs.store.store import Store
 from casfs.tree import identity
 from casfs.tree.fs import ROOT_INO, SNAPDIR_NAME, Filesystem
 from casfs.tree.records import Inode
+from casfs.tree.whereused import where_used
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except pyfuse3.FUSEError:
             raise
         except CorruptObject as exc:
-            log.error("%s: %s", fn.__name__, exc)
+            _log_corrupt(args[0], fn.__name__, exc)  # args[0]: the CasfsOperations
             raise pyfuse3.FUSEError(errno.EIO) from None
         except CasfsError as exc:
             if exc.errno in (errno.EIO, errno.ENOSPC):
@@ -84,6 +85,24 @@ def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
+
+
+def _log_corrupt(ops: CasfsOperations, request: str, exc: CorruptObject) -> None:
+    """Log a corrupt object with the paths that use it, once per object per mount.
+
+    Finding the paths is a scan of the store (:mod:`casfs.tree.whereused`); it runs here, on
+    the store's thread like every transaction of the mount, and only for the first failure:
+    a reader retrying in a loop gets EIO without another scan or log line."""
+    if exc.digest in ops.corrupt_reported:
+        return
+    ops.corrupt_reported.add(exc.digest)
+    try:
+        with ops.store.read() as tx:
+            paths = where_used(ops.store, tx, {exc.digest})[exc.digest]
+    except Exception:  # the report must never change the answer (EIO)
+        log.exception("could not find the files using corrupt object %s", exc.digest.hex())
+        paths = []
+    log.error("%s: %s; used by %s", request, exc, ", ".join(paths) or "no file found")
 
 
 class CasfsOperations(pyfuse3.Operations):
@@ -107,6 +126,7 @@ class CasfsOperations(pyfuse3.Operations):
         self.digests = Lru(DIGESTS_KEPT)  # content digests worked out by reading (recut files)
         self.snapshots = SnapshotService(self)
         self.write_gate: trio.Event | None = None  # set while a snapshot is being taken
+        self.corrupt_reported: set[bytes] = set()  # digests logged with their paths
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -248,12 +268,13 @@ class CasfsOperations(pyfuse3.Operations):
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         disk = os.statvfs(self.store.path)
         inodes = self.store.stats().inodes
+        inside = self.store.free_inside() // disk.f_frsize  # freed pages of the data file
         s = pyfuse3.StatvfsData()
         s.f_bsize = BLKSIZE
         s.f_frsize = disk.f_frsize
         s.f_blocks = disk.f_blocks
-        s.f_bfree = disk.f_bfree
-        s.f_bavail = disk.f_bavail
+        s.f_bfree = disk.f_bfree + inside
+        s.f_bavail = disk.f_bavail + inside
         s.f_ffree = s.f_favail = 1 << 32
         s.f_files = inodes + s.f_ffree
         s.f_namemax = 255

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
+from casfs.errors import CorruptObject
 from casfs.store.chunker import Chunker
 from casfs.store.codec import digest_of
 from casfs.store.store import Store
@@ -150,10 +151,23 @@ class Pipeline:
 
     # -- read-back --------------------------------------------------------------------------
 
-    def decode_async(self, items: Sequence[tuple[bytes, bytes]]) -> Future[list[bytes]]:
-        """Decode in the pool; the future's result (or CorruptObject) comes later."""
+    def decode_async(
+        self, items: Sequence[tuple[bytes, bytes]]
+    ) -> Future[list[bytes | CorruptObject]]:
+        """Decode in the pool. An item that fails verification comes back as its
+        CorruptObject, so one bad chunk spoils only the reads that need it."""
         decode = self.store.codec.decode
-        return self._pool.submit(lambda: [decode(d, v) for d, v in items])
+
+        def work() -> list[bytes | CorruptObject]:
+            out: list[bytes | CorruptObject] = []
+            for d, v in items:
+                try:
+                    out.append(decode(d, v))
+                except CorruptObject as exc:
+                    out.append(exc)
+            return out
+
+        return self._pool.submit(work)
 
     def decode_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
         """Decode (digest, stored value) pairs, verifying each, on all cores."""

@@ -163,6 +163,7 @@ def _lmdb_failure(exc: lmdb.Error, path: str) -> CasfsError:
 
 # Disk held back for small transactions (deletes) on a full disk; see Store._hold_reserve.
 RESERVE_BYTES = 1 << 20
+MIN_PAGE = 4096  # a data file shorter than two pages has no LMDB meta pages
 RESERVE_TX_BYTES = 256 << 10
 
 
@@ -229,6 +230,8 @@ class Store:
             raise StoreError(f"store {self.path}: data.mdb is missing")
         try:
             size = os.path.getsize(data_file)
+            if size < 2 * MIN_PAGE:  # LMDB would start a new, empty database in it
+                raise StoreError(f"store {self.path}: data.mdb is damaged ({size} bytes long)")
             self.env = lmdb.open(
                 self.path,
                 map_size=max(INITIAL_MAP_SIZE, 2 * size),
@@ -239,10 +242,20 @@ class Store:
                 metasync=False,  # one fdatasync per commit; see sync() for durability
                 max_readers=256,
             )
+            need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]  # meta only
+            if size < need:  # touching a page past the end would kill us (SIGBUS)
+                self.env.close()
+                raise StoreError(
+                    f"store {self.path}: data.mdb is truncated ({size} bytes; the database "
+                    f"needs {need})"
+                )
             self.dbs = {name: self.env.open_db(name, create=False) for name in layout.DB_NAMES}
         except lmdb.Error as exc:
             self._release_lock()
             raise _lmdb_failure(exc, self.path) from None
+        except StoreError:
+            self._release_lock()
+            raise
         self._owner = threading.get_ident()
         self._stack: list[Tx] = []
         self._batch: Tx | None = None

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from casfs.errors import CorruptObject
 from casfs.store import layout
 from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store, Tx
@@ -247,7 +248,10 @@ class ReadJob:
 
     def resolve(self) -> None:
         for d, (future, index) in self.pending.items():
-            self.plain[d] = future.result()[index]
+            got = future.result()[index]
+            if isinstance(got, CorruptObject):
+                raise got
+            self.plain[d] = got
         self.fresh.extend(self.pending)
         self.pending = {}
         if self.values:

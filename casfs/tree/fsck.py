@@ -22,8 +22,10 @@ from casfs.tree import snapshots, treeobjects
 from casfs.tree.content import file_extents
 from casfs.tree.merkle import LiveDigests
 from casfs.tree.records import Inode
+from casfs.tree.whereused import where_used
 
 ROOT = layout.ROOT_INO
+USERS_SHOWN = 20  # paths named per corrupt object
 
 
 @dataclass
@@ -68,7 +70,7 @@ def fsck(
         _check_recut(tx, inodes, report)
         _check_stats(tx, inodes, report)
         if verify_data:
-            _verify_data(store, tx, paths, report, progress)
+            _verify_data(store, tx, report, progress)
     return report
 
 
@@ -311,28 +313,22 @@ def _check_stats(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> None:
 
 
 def _verify_data(
-    store: Store,
-    tx: Tx,
-    paths: dict[int, bytes],
-    report: FsckReport,
-    progress: Callable[[str], None] | None,
+    store: Store, tx: Tx, report: FsckReport, progress: Callable[[str], None] | None
 ) -> None:
-    bad: set[bytes] = set()
+    """Decode every object; name each corrupt one with the live and snapshot files using it."""
+    bad: dict[bytes, str] = {}
     for n, (digest, value) in enumerate(tx.prefix(b"objects", b""), 1):
         try:
             report.verified_bytes += len(store.codec.decode(digest, value))
-        except CorruptObject:
-            bad.add(digest)
+        except CorruptObject as exc:
+            bad[bytes(digest)] = str(exc)
         if progress and n % 1000 == 0:
             progress(f"verified {n} objects, {report.verified_bytes >> 20} MiB")
     if not bad:
         return
-    users: defaultdict[bytes, set[bytes]] = defaultdict(set)
-    for key, value in tx.prefix(b"extents", b""):
-        digest = layout.read_extent_value(value)[0]
-        if digest in bad:
-            ino = layout.read_extent_key(key)[0]
-            users[digest].add(paths.get(ino, f"<inode {ino}>".encode()))
+    users = where_used(store, tx, set(bad), USERS_SHOWN)
     for digest in sorted(bad):
-        names = b", ".join(sorted(users[digest])).decode(errors="backslashreplace") or "no file"
-        report.add("corrupt", f"object {digest.hex()} does not match its digest; used by {names}")
+        names = ", ".join(users[digest]) or "no file"
+        if len(users[digest]) == USERS_SHOWN:
+            names += f" (first {USERS_SHOWN})"
+        report.add("corrupt", f"{bad[digest]}; used by {names}")
