@@ -6,6 +6,9 @@ fsync and only then appends "path sha256" to a log on local disk. At a random mo
 daemon gets SIGKILL; the stale mount is cleared, the writer killed, the store checked
 offline (only orphans, which the next mount frees, may be reported), mounted again, and every
 file ever logged must hold exactly the logged bytes. Then a clean unmount and fsck.
+
+``CASFS_CRASH_ROUNDS`` raises the number of rounds (default 10) for a longer stress run
+(bench/stress.py uses 50), ``CASFS_CRASH_SEED`` changes the random choices.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 
 from conftest import CasfsMount, wait_gone
 
-ROUNDS = 10
+ROUNDS = int(os.environ.get("CASFS_CRASH_ROUNDS", "10"))
 SEED = int(os.environ.get("CASFS_CRASH_SEED", "4242"))
 
 WRITER = r"""
@@ -54,6 +57,15 @@ def step():
         os.fsync(fd)
         os.write(logfd, ("%s %s\n" % (path, hashlib.sha256(data).hexdigest())).encode())
     os.close(fd)
+    if synced and rng.random() < 0.3:
+        # a rename, made durable by fsync of the directory, then logged: the file must be
+        # found under its new name only
+        os.rename(path, path + ".mv")
+        dfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(dfd)
+        os.close(dfd)
+        os.write(logfd, ("mv %s %s\n" % (path, path + ".mv")).encode())
+        return
     r = rng.random()
     if r < 0.1:
         fd = os.open(os.path.join(top, "tmp%05d" % n), os.O_RDWR | os.O_CREAT, 0o600)
@@ -95,9 +107,13 @@ def _logged(log: str) -> dict[str, str]:
     out = {}
     with open(log, encoding="utf-8") as f:
         for line in f:
-            if line.endswith("\n"):  # a line cut by the kill is not a promise
-                path, digest = line.split()
-                out[path] = digest
+            if not line.endswith("\n"):  # a line cut by the kill is not a promise
+                continue
+            words = line.split()
+            if words[0] == "mv":  # a durable rename: only the new name holds the bytes
+                out[words[2]] = out.pop(words[1])
+            else:
+                out[words[0]] = words[1]
     return out
 
 

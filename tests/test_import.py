@@ -48,6 +48,8 @@ T0 = 1_600_000_000_123_456_789  # explicit times: distinct, with nanoseconds
 SPARSE_AT = 50 * MiB
 SMALL_FILES = 150
 SEED = int(os.environ.get("CASFS_IMPORT_SEED", "2024"))
+# kills of an import in the crash test (bench/stress.py raises it)
+KILL_ROUNDS = int(os.environ.get("CASFS_IMPORT_CRASH_ROUNDS", "3"))
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -551,7 +553,7 @@ def test_kill_9_during_import_leaks_nothing(tmp_path):
     # kill times spread over 0.2-1.5 s, but always before the import would end (whole import
     # and start-up take `took`: about 2.5 s here, less on a machine with more cores)
     last = min(1.5, 0.8 * took)
-    cuts = [0.2 + (last - 0.2) * k / 3 for k in range(4)]
+    cuts = [0.2 + (last - 0.2) * k / KILL_ROUNDS for k in range(KILL_ROUNDS + 1)]
     for rnd, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
         store = new_store(tmp_path / f"store{rnd}")
         proc = subprocess.Popen(
@@ -590,7 +592,10 @@ def test_kill_9_during_import_leaks_nothing(tmp_path):
     shutil.rmtree(fresh)
     # at least one kill came in the middle of storing (else nothing was tested)
     assert max(pinned) > 0, pinned
-    print(f"\nkill -9 after {killed_at} s (whole import {took:.2f} s), pins left {pinned}: no leak")
+    print(
+        f"\n{len(killed_at)} crashes: kill -9 after {killed_at} s (whole import {took:.2f} s), "
+        f"pins left {pinned}: no leak"
+    )
 
 
 # -- 8. progress -----------------------------------------------------------------------------------
