@@ -18,7 +18,7 @@ ALLOWED_AVG = (16 << 10, 32 << 10, 64 << 10)
 
 
 def init(args: argparse.Namespace) -> int:
-    avg = args.chunk_avg or DEFAULT_AVG
+    avg = DEFAULT_AVG if args.chunk_avg is None else args.chunk_avg
     if avg not in ALLOWED_AVG:
         raise CasfsError("--chunk-avg must be 16K, 32K or 64K")
     store = Filesystem.create_store(args.store, chunk_avg=avg, zstd_level=args.zstd_level)

@@ -55,7 +55,9 @@ def run(directory: str) -> int:
     old = find_mount(mnt)
     if old is not None and old.fstype == FSTYPE:
         _casfs("umount", mnt)
-    if os.path.exists(store):
+    if os.path.lexists(store):  # a demo store of an earlier run: only that may go
+        if not os.path.isfile(os.path.join(store, "casfs-store.json")):
+            raise CasfsError(f"{store} exists and is not a casfs store; not touching it")
         shutil.rmtree(store)
     os.makedirs(mnt, exist_ok=True)
     src = sysconfig.get_paths()["stdlib"]

@@ -35,15 +35,19 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
 
 
 def size_arg(text: str) -> int:
-    """``65536``, ``64K``, ``1M``: a byte count."""
+    """``65536``, ``64K``, ``1M``: a positive byte count."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     try:
         if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
+            n = int(float(t[:-1]) * units[t[-1]])
+        else:
+            n = int(t)
+    except (ValueError, OverflowError):  # "x", "infK", "1e999M"
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"a size must be positive, not {text!r}")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ from casfs.fuse.mountpoint import (
 )
 from casfs.store import layout
 from casfs.store.lock import WriterLock
-from casfs.store.store import read_marker
+from casfs.store.store import Store, read_marker
 
 LOG_FILE = "mount.log"
 READY_TIMEOUT = 120.0
@@ -48,7 +48,9 @@ def _preflight(store: str, mountpoint: str) -> tuple[str, str]:
     holder = WriterLock.holder(os.path.join(store, layout.LOCK_FILE))
     if holder:
         raise StoreInUse(f"store {store} is in use by PID {holder}")
-    return store, check_mountpoint(mountpoint)
+    mountpoint = check_mountpoint(mountpoint)
+    Store(store, writer=False).close()  # a damaged database: said here, before the daemon
+    return store, mountpoint
 
 
 def _setup_logging(stream_or_path: str | None, debug: bool) -> None:

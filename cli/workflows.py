@@ -219,11 +219,13 @@ def digest_command(args: argparse.Namespace) -> int:
 
 
 def _digest_by_reading(pipeline: Pipeline, path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
+    if not stat.S_ISREG(os.stat(path).st_mode):  # (opening a fifo would wait for a writer)
+        raise OSError(errno.EINVAL, "not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.ENODATA, "not a regular file")
+            raise OSError(errno.EINVAL, "not a regular file")
         return identity.run(
             identity.by_reading(pipeline, st.st_size, lambda off, n: os.pread(fd, n, off))
         )

@@ -448,8 +448,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
         ([store, src, "-s", "a/b"], "has '/'"),
         ([store, src, "-s", "@x"], "reserved"),
         ([store, src, "-s", "x" * 256], "snapshot name of 256 bytes"),
-        ([store, tmp_path, "-s", "n"], "contains the store itself"),
-        ([store, store, "-s", "n"], "contains the store itself"),
+        ([store, tmp_path, "-s", "n"], "the store itself"),
+        ([store, store, "-s", "n"], "the store itself"),
         ([tmp_path / "nostore", src, "-s", "n"], "not a directory"),
         ([src, src, "-s", "n"], "neither a casfs mountpoint nor a casfs store"),
     ]

@@ -199,8 +199,9 @@ def read_marker(path: str) -> dict:
             info = json.load(f)
     except FileNotFoundError:
         raise StoreError(f"{path} is not a casfs store (no {layout.MARKER_FILE})") from None
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"store {path}: {layout.MARKER_FILE} is damaged ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # (deeply nested JSON: recursion)
+        reason = "nested too deep" if isinstance(exc, RecursionError) else exc
+        raise StoreError(f"store {path}: {layout.MARKER_FILE} is damaged ({reason})") from None
     if not isinstance(info, dict) or not isinstance(info.get("format"), int):
         raise StoreError(f"store {path}: {layout.MARKER_FILE} is damaged (no format version)")
     if info["format"] != layout.FORMAT_VERSION:
@@ -209,6 +210,14 @@ def read_marker(path: str) -> dict:
             f"{layout.FORMAT_VERSION}"
         )
     return info
+
+
+def overlaps(store_path: str, path: str | bytes) -> bool:
+    """``path`` is the store directory, inside it, or holds it: reading or writing there
+    would read or write the store itself."""
+    a = os.path.realpath(store_path)
+    b = os.path.realpath(os.fsdecode(path))
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a + "/")
 
 
 class Store:

@@ -8,6 +8,7 @@ links inside the restored subtree stay hard links.
 from __future__ import annotations
 
 import errno
+import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,7 +116,7 @@ def restore(
     replaced = None
     if directory.find(tx, parent, name) is not None:
         if not force:
-            raise FsError(errno.EEXIST, f"{target.decode(errors='replace')} exists (use --force)")
+            raise FsError(errno.EEXIST, f"{os.fsdecode(target)} exists (use --force)")
         replaced = _removed(fs, tx, parent, name)
         fs.remove_tree(tx, parent, name)
     ino = materialize(fs, tx, entry, parent, name)

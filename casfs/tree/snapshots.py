@@ -83,7 +83,7 @@ def get(tx: Tx, name: bytes) -> Snapshot | None:
 def find(tx: Tx, name: bytes) -> Snapshot:
     snap = get(tx, name) if name and len(name) <= NAME_MAX else None
     if snap is None:
-        raise FsError(errno.ENOENT, f"no snapshot named {name.decode(errors='replace')!r}")
+        raise FsError(errno.ENOENT, f"no snapshot named '{os.fsdecode(name)}'")
     return snap
 
 
@@ -116,7 +116,7 @@ def check_free(tx: Tx, name: bytes) -> None:
     """``name`` may be given to a new snapshot."""
     check_snapshot_name(name)
     if tx.get(b"snapshots", name) is not None:
-        raise FsError(errno.EEXIST, f"snapshot {name.decode(errors='replace')!r} exists")
+        raise FsError(errno.EEXIST, f"snapshot '{os.fsdecode(name)}' exists")
 
 
 def record(

@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 
 from casfs.errors import CasfsError, CorruptObject
 from casfs.store.pipeline import Pipeline
-from casfs.store.store import Store, Tx
+from casfs.store.store import Store, Tx, overlaps
 from casfs.tree import restore, snapshots, treeobjects
 from casfs.tree.content import Extent
 from casfs.tree.treeobjects import Entry
@@ -101,6 +101,9 @@ def export(
     Raises :class:`CasfsError` (one line) on every expected failure."""
     started = time.monotonic()
     target = os.fsencode(dest)
+    if overlaps(store.path, target):
+        where = "is the store itself, inside it or holding it"
+        raise CasfsError(f"{_show(target)} {where}; export elsewhere")
     with store.read() as tx:
         snap = snapshots.find(tx, name)
         entry = restore.resolve(store, tx, snap.root, path, name)

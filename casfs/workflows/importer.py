@@ -37,7 +37,7 @@ from casfs.errors import CasfsError
 from casfs.store import layout
 from casfs.store.codec import digest_of
 from casfs.store.pipeline import Pipeline
-from casfs.store.store import Store, Tx
+from casfs.store.store import Store, Tx, overlaps
 from casfs.tree import snapshots, treeobjects
 from casfs.tree.content import Extent
 from casfs.tree.snapshots import Snapshot
@@ -259,9 +259,9 @@ class Importer:
             raise CasfsError(f"{src} does not exist", errno.ENOENT)
         if not os.path.isdir(src):
             raise CasfsError(f"{src} is not a directory", errno.ENOTDIR)
-        store = os.path.realpath(self.store.path)
-        if store == src or store.startswith(src.rstrip("/") + "/"):
-            raise CasfsError(f"{src} contains the store itself; import a directory outside it")
+        if overlaps(self.store.path, src):
+            where = "is the store itself, inside it or holding it"
+            raise CasfsError(f"{src} {where}; import another directory")
 
     # -- the walk -------------------------------------------------------------------------
 
