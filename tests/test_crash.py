@@ -59,7 +59,8 @@ def step():
     os.close(fd)
     if synced and rng.random() < 0.3:
         # a rename, made durable by fsync of the directory, then logged: the file must be
-        # found under its new name only
+        # found under its new name only (under either while the rename is not logged done)
+        os.write(logfd, ("mv? %s %s\n" % (path, path + ".mv")).encode())
         os.rename(path, path + ".mv")
         dfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
         os.fsync(dfd)
@@ -111,7 +112,11 @@ def _logged(log: str) -> dict[str, str]:
                 continue
             words = line.split()
             if words[0] == "mv":  # a durable rename: only the new name holds the bytes
-                out[words[2]] = out.pop(words[1])
+                if words[1] in out:  # (not moved already by its "mv?" line)
+                    out[words[2]] = out.pop(words[1])
+            elif words[0] == "mv?":  # a rename begun: the bytes are under one of the names
+                if not os.path.exists(words[1]) and os.path.exists(words[2]):
+                    out[words[2]] = out.pop(words[1])
             else:
                 out[words[0]] = words[1]
     return out
