@@ -65,6 +65,21 @@ def fs(store):
 # -- real mounts ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (such as "32m") mounted at ``path``, for full-disk tests; the
+    test is skipped where it cannot be mounted (not root). Always unmounted."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True)  # fmt: skip
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 def casfs_cli(
     *args: str | os.PathLike, timeout: float = CLI_TIMEOUT
 ) -> subprocess.CompletedProcess:

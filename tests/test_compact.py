@@ -11,6 +11,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import tmpfs
 
 from casfs.errors import NoSpace, StoreError, StoreInUse
 from casfs.store import compact as compact_module
@@ -320,16 +321,8 @@ def test_not_a_store(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 32 MiB tmpfs (needs root; skipped elsewhere)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    cmd = ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)]
-    r = subprocess.run(cmd, capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "disk", "32m") as disk:
+        yield disk
 
 
 def test_full_disk_for_real(small_disk):

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 
 import pytest
-from conftest import casfs_cli, casfs_mount
+from conftest import casfs_cli, casfs_mount, tmpfs
 
 MiB = 1 << 20
 
@@ -17,15 +16,8 @@ MiB = 1 << 20
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MiB tmpfs (needs root; skipped elsewhere)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)])
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs")
-    try:
+    with tmpfs(tmp_path / "disk", "64m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def write_file(path, data: bytes) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tmpfs
 
 from casfs.errors import CasfsError, CorruptObject, NoSpace, StoreError, StoreInUse
 from casfs.store import chunker, layout
@@ -266,16 +267,8 @@ def test_map_grows_by_itself(tmp_path, monkeypatch):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 24 MiB tmpfs (needs root; skipped elsewhere)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    cmd = ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)]
-    r = subprocess.run(cmd, capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.decode().strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "disk", "24m") as disk:
+        yield disk
 
 
 def _fill(path) -> None:
