@@ -65,6 +65,17 @@ def fs(store):
 # -- real mounts ------------------------------------------------------------------------------
 
 
+def flip_byte(data_mdb: Path, chunk: bytes) -> None:
+    """Flip one bit in the middle of ``chunk``'s one stored copy (the chunk must be stored
+    raw, as incompressible data is, to be found in the file)."""
+    raw = bytearray(data_mdb.read_bytes())
+    probe = chunk[len(chunk) // 2 : len(chunk) // 2 + 64]
+    at = raw.find(probe)
+    assert at > 0 and raw.find(probe, at + 1) == -1, "the chunk must be stored once, raw"
+    raw[at] ^= 0x40
+    data_mdb.write_bytes(raw)
+
+
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` (such as "32m") mounted at ``path``, for full-disk tests; the

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import CasfsMount, casfs_cli
+from conftest import CasfsMount, casfs_cli, flip_byte
 
 from casfs.errors import CorruptObject
 from casfs.store.store import Store
@@ -47,16 +47,6 @@ class Damaged:
 
 def snap(fs: Filesystem, name: bytes) -> None:
     fs.store.run_write(lambda tx: snapshots.create(tx, fs.store, fs.merkle, name, time.time_ns()))
-
-
-def flip_byte(data_mdb: Path, chunk: bytes) -> None:
-    """Flip one bit in the middle of ``chunk``'s one stored copy."""
-    raw = bytearray(data_mdb.read_bytes())
-    probe = chunk[len(chunk) // 2 : len(chunk) // 2 + 64]
-    at = raw.find(probe)
-    assert at > 0 and raw.find(probe, at + 1) == -1, "the chunk must be stored once, raw"
-    raw[at] ^= 0x40
-    data_mdb.write_bytes(raw)
 
 
 def build(path: Path) -> Damaged:

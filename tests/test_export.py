@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import assert_fsck_clean
+from conftest import assert_fsck_clean, flip_byte
 from treecompare import compare_trees
 
 from casfs.errors import CasfsError, CorruptObject, FsError
@@ -333,12 +333,7 @@ def test_corrupt_chunk_names_digest_and_file(tmp_path):
     first = chunker.Chunker(store.params).cut(data)[0]  # 20 kB may be cut in two
     fs.close()
     store.close()
-    mdb = tmp_path / "s" / "data.mdb"
-    raw = bytearray(mdb.read_bytes())
-    at = raw.find(data[first // 2 : first // 2 + 64])
-    assert at > 0
-    raw[at] ^= 0x40
-    mdb.write_bytes(raw)
+    flip_byte(tmp_path / "s" / "data.mdb", data[:first])
     with Store(path, writer=False) as ro:
         with pytest.raises(CorruptObject) as info:
             export(ro, b"one", str(tmp_path / "out"))

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import tmpfs
+from conftest import flip_byte, tmpfs
 
 from casfs.errors import CasfsError, CorruptObject, NoSpace, StoreError, StoreInUse
 from casfs.store import chunker, layout
@@ -223,12 +223,7 @@ def test_flipped_byte_on_disk_is_an_error_naming_the_digest(tmp_path):
     first = chunker.Chunker(s.params).cut(data)[0]  # 20 kB may be cut in two; flip in the first
     fs.close()
     s.close()
-    path = tmp_path / "s" / "data.mdb"
-    raw = bytearray(path.read_bytes())
-    at = raw.find(data[first // 2 : first // 2 + 64])
-    assert at > 0
-    raw[at] ^= 0x40
-    path.write_bytes(raw)
+    flip_byte(tmp_path / "s" / "data.mdb", data[:first])
     with Store(str(tmp_path / "s")) as s:
         fs = Filesystem(s, cache_bytes=0)
         try:
