@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from chunk_params import DATASETS, fetch_sdist, fetch_wheel
@@ -286,6 +287,37 @@ def stored_lines(tools: Tools, dataset: str, logical: int) -> dict[str, int]:
     return stored
 
 
+def backup_versions(
+    tools: Tools,
+    name: str,
+    src: str,
+    versions: list[str],
+    prepare: list[Callable[[], None]],
+    prefix: str,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """For each version: ``prepare`` it in ``src`` (not timed), then back it up with every
+    tool, the order rotating. Returns each tool's total seconds and its last backup's (a
+    tool that failed is dropped)."""
+    totals = {t: 0.0 for t in tools.available}
+    last: dict[str, float] = {}
+    for i, (version, setup) in enumerate(zip(versions, prepare, strict=True)):
+        setup()
+        for pos, tool in enumerate(rotate(list(tools.available), i)):
+            done = tools.backup(tool, name, src, f"{prefix}-{version}")
+            if done is None:
+                totals.pop(tool, None)
+                continue
+            took, details = done
+            totals[tool] += took
+            last[tool] = took
+            emit("import_s", took, "s", dataset=name, release=version, tool=tool, order=pos,
+                 **details)  # fmt: skip
+    totals = {t: s for t, s in totals.items() if t in tools.available}
+    for tool, s in totals.items():
+        emit("import_total_s", s, "s", dataset=name, tool=tool, releases=len(versions))
+    return totals, last
+
+
 def dataset_a(tools: Tools, data: Path, quick: bool) -> None:
     ds = next(d for d in DATASETS if d.name == "django-feature")
     versions = ds.versions[:QUICK_RELEASES] if quick else ds.versions
@@ -301,24 +333,8 @@ def dataset_a(tools: Tools, data: Path, quick: bool) -> None:
         emit("repo_info", None, "", dataset=name, **info)
     src = os.path.join(tools.work, "src")
     os.makedirs(src)
-    totals = {t: 0.0 for t in tools.available}
-    last: dict[str, float] = {}
-    for i, (version, tree) in enumerate(zip(versions, trees, strict=True)):
-        mirror(str(tree), src)
-        order = rotate(list(tools.available), i)
-        for pos, tool in enumerate(order):
-            done = tools.backup(tool, name, src, f"rel-{version}")
-            if done is None:
-                totals.pop(tool, None)
-                continue
-            took, details = done
-            totals[tool] += took
-            last[tool] = took
-            emit("import_s", took, "s", dataset=name, release=version, tool=tool, order=pos,
-                 **details)  # fmt: skip
-    totals = {t: s for t, s in totals.items() if t in tools.available}
-    for tool, s in totals.items():
-        emit("import_total_s", s, "s", dataset=name, tool=tool, releases=len(versions))
+    prepare = [lambda tree=tree: mirror(str(tree), src) for tree in trees]
+    totals, last = backup_versions(tools, name, src, versions, prepare, "rel")
     stored = stored_lines(tools, name, logical)
     ratio_lines(name, totals, stored, with_goals=True)
 
@@ -359,23 +375,14 @@ def dataset_b(tools: Tools, data: Path, quick: bool) -> None:
         emit("repo_info", None, "", dataset=name, **info)
     art = os.path.join(tools.work, "artifacts")
     os.makedirs(art)
-    totals = {t: 0.0 for t in tools.available}
-    for i, (version, wheel) in enumerate(zip(versions, wheels, strict=True)):
+
+    def only(wheel: Path) -> None:
         for old in os.listdir(art):
             os.unlink(os.path.join(art, old))
         shutil.copy2(wheel, os.path.join(art, wheel.name))
-        for pos, tool in enumerate(rotate(list(tools.available), i)):
-            done = tools.backup(tool, name, art, f"whl-{version}")
-            if done is None:
-                totals.pop(tool, None)
-                continue
-            took, details = done
-            totals[tool] += took
-            emit("import_s", took, "s", dataset=name, release=version, tool=tool, order=pos,
-                 **details)  # fmt: skip
-    totals = {t: s for t, s in totals.items() if t in tools.available}
-    for tool, s in totals.items():
-        emit("import_total_s", s, "s", dataset=name, tool=tool, releases=len(versions))
+
+    prepare = [lambda wheel=wheel: only(wheel) for wheel in wheels]
+    totals, _ = backup_versions(tools, name, art, versions, prepare, "whl")
     stored = stored_lines(tools, name, logical)
     ratio_lines(name, totals, stored, with_goals=False)
     shutil.rmtree(art, ignore_errors=True)
