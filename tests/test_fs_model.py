@@ -594,6 +594,8 @@ def test_xattrs(store, fs):
     fails(errno.ENODATA, fs.setxattr, f, b"user.c", b"x", XATTR_REPLACE)
     fs.setxattr(f, b"user.a", b"one", XATTR_REPLACE)
     fs.setxattr(f, b"user.empty", b"")
+    fails(errno.EOPNOTSUPP, fs.setxattr, f, b"system.posix_acl_access", b"\x02")
+    fails(errno.EOPNOTSUPP, fs.setxattr, f, b"system.posix_acl_default", b"\x02")
     assert fs.getxattr(f, b"user.a") == b"one"
     assert fs.getxattr(f, b"user.empty") == b""
     assert fs.listxattr(f) == [b"user.a", b"user.b", b"user.empty"]

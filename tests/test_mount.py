@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -430,6 +431,31 @@ def test_xattrs(mounted: CasfsMount):
         ["user.bin", "user.empty", "user.two", "user.big", "user.via", "trusted.root", "user.ctime"]
     )
     assert os.listxattr(m / "d") == ["user.dir"]
+
+
+def test_cp_preserves_modes(mounted: CasfsMount, tmp_path: Path):
+    """``cp -a`` and ``cp -p`` set modes by writing system.posix_acl_access; casfs does not
+    enforce ACLs, so it must refuse them (EOPNOTSUPP) and let cp fall back to chmod, or
+    every copied file would keep cp's restrictive creation mode (0600/0700)."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_bytes(b"data")
+    os.chmod(src / "sub" / "f", 0o644)
+    os.chmod(src / "sub", 0o755)
+    os.chmod(src / "sub" / "f", 0o640)  # not cp's default, so a fallback to umask shows
+    m = mounted.mnt
+    for flag in ("-a", "-p"):
+        dest = m / flag.strip("-")
+        subprocess.run(["cp", "-r", flag, str(src), str(dest)], check=True)
+        assert stat.S_IMODE(os.stat(dest / "sub").st_mode) == 0o755
+        assert stat.S_IMODE(os.stat(dest / "sub" / "f").st_mode) == 0o640
+    p = m / "a" / "sub" / "f"
+    entries = ((0x01, 6), (0x04, 4), (0x20, 4))  # user::rw- group::r-- other::r--
+    acl = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries
+    )
+    assert errno_of(os.setxattr, p, "system.posix_acl_access", acl) == errno.EOPNOTSUPP
+    assert not [n for n in os.listxattr(p) if n.startswith("system.")]
 
 
 def test_readdir_2000_entries(mounted: CasfsMount):

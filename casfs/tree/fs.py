@@ -73,6 +73,9 @@ def _reads(
     return wrapper
 
 
+POSIX_ACL_PREFIX = b"system.posix_acl_"
+
+
 def check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FsError(errno.ENAMETOOLONG, f"name of {len(name)} bytes")
@@ -608,6 +611,10 @@ class Filesystem:
             raise FsError(errno.E2BIG, "xattr value length")
         if name.startswith(identity.RESERVED_PREFIX):
             raise FsError(errno.EPERM, f"{name.decode(errors='replace')} is casfs's, read-only")
+        if name.startswith(POSIX_ACL_PREFIX):
+            # ACLs are not enforced (the mount does not enable them); refusing them, as ext4
+            # mounted noacl does, makes cp -a and tar fall back to chmod, so modes stay right
+            raise FsError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
         key = layout.xattr_key(ino, name)
         exists = tx.get(b"xattrs", key) is not None
         if flags & XATTR_CREATE and exists:
