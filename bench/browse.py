@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import shutil
@@ -28,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+import benchlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,8 +40,8 @@ PER_DIR = 50
 WORDS = b"def class return import self value data for while if else yield with as in".split()
 
 
-def emit(**fields) -> None:
-    print(json.dumps(fields), flush=True)
+def emit(figure: str, value: float | None, unit: str, **extra: object) -> None:
+    benchlib.emit("browse", figure, value, unit, **extra)
 
 
 def text(rng: random.Random, size: int) -> bytes:
@@ -191,7 +192,7 @@ def main() -> None:
     expected = 0
     with Store(os.path.join(base, "store"), writer=False) as store, store.read() as tx:
         expected = sum(s.totals.files for s in snapshots.all_snapshots(tx))
-    emit(bench="browse_dataset", files=total, versions=args.versions, listed_files=expected,
+    emit("dataset", total, "files", versions=args.versions, listed_files=expected,
          ingest_s={k: round(x, 2) for k, x in ingest.items()})  # fmt: skip
 
     results: dict[str, dict[str, float]] = {}
@@ -221,11 +222,11 @@ def main() -> None:
                 proc.wait(timeout=30)
     for key in ("find_cold", "du_cold", "find_warm", "du_warm"):
         mine = results["casfs"][key]
-        emit(bench=f"browse_{key}", tool="casfs", value=round(mine, 3), unit="s", files=expected)
+        emit(key, mine, "s", tool="casfs", files=expected)
         for other in ("borg", "restic"):
             if other in results:
                 theirs = results[other][key]
-                emit(bench=f"browse_{key}", tool=other, value=round(theirs, 3), unit="s",
+                emit(key, theirs, "s", tool=other,
                      vs="casfs", ratio=round(theirs / mine, 2), goal=5.0,
                      met=theirs / mine >= 5.0)  # fmt: skip
     shutil.rmtree(base, ignore_errors=True)

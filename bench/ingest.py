@@ -20,13 +20,13 @@ Run: .venv/bin/python bench/ingest.py [--mib 1024] [--repeat 3]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
 
+import benchlib
 import blake3
 import lmdb
 import zstandard
@@ -77,13 +77,10 @@ def text_like(n: int) -> bytes:
     return os.urandom(n).translate(bytes(table))
 
 
-def emit(
-    figure: str, value: float, unit: str, vs: str | None = None, ratio: float | None = None
-) -> None:
-    line = {"bench": "ingest", "figure": figure, "value": round(value, 1), "unit": unit}
-    if vs is not None and ratio is not None:
-        line.update(vs=vs, ratio=round(ratio, 3))
-    print(json.dumps(line), flush=True)
+def emit(figure: str, value: float, unit: str, **extra: object) -> None:
+    if "ratio" in extra:
+        extra["ratio"] = round(extra["ratio"], 3)
+    benchlib.emit("ingest", figure, value, unit, **extra)
 
 
 def rate(nbytes: int, seconds: float) -> float:
@@ -203,18 +200,7 @@ def main() -> None:
         ratio = statistics.median(r[figure] / r["unzstd"] for r in rounds)
         emit(figure, med(figure), "MB/s", vs="unzstd_alone", ratio=ratio)
     emit("stored_fraction", med("stored_fraction"), "ratio")
-    print(
-        json.dumps(
-            {
-                "bench": "ingest",
-                "figure": "rounds",
-                "value": args.repeat,
-                "unit": "count",
-                "slowest_stage": slowest,
-            }
-        ),
-        flush=True,
-    )
+    emit("rounds", args.repeat, "count", slowest_stage=slowest)
 
 
 if __name__ == "__main__":

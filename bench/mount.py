@@ -26,6 +26,9 @@ Figures (one JSON line each, printed as soon as measured):
   write_4k_{nullfs,memfs,casfs}
         ``dd bs=4k conv=fsync`` of 256 MiB (--quick: 64 MiB) into a new file: one FUSE write
         request per 4 KiB. Ratios to nullfs.
+  {seq_write,cold_read,write_4k,files_10k}_disk
+        the same four measurements on the local disk that holds the stores (the scratch
+        directory), as the kernel filesystem reference; casfs's figures carry a ratio to it.
   files_10k_{memfs,casfs}
         one Python process creates 10,000 files of 4 KiB (distinct random contents) spread
         over 10 directories: os.open(O_CREAT|O_TRUNC) / os.write / os.close each, then an
@@ -63,6 +66,8 @@ import tempfile
 import threading
 import time
 
+import benchlib
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 CASFS = os.path.join(os.path.dirname(sys.executable), "casfs")
@@ -99,18 +104,11 @@ def emit(
     ref: float | None = None,
     **extra: object,
 ) -> None:
-    line: dict[str, object] = {
-        "bench": "mount",
-        "figure": figure,
-        "value": round(value, 1),
-        "unit": unit,
-    }
     if vs is not None and ref:
-        line.update(vs=vs, ratio=round(value / ref, 3))
-    line.update(extra)
-    line["load1"] = round(os.getloadavg()[0], 2)  # other work on the machine skews figures
+        extra = {"vs": vs, "ratio": round(value / ref, 3), **extra}
+    extra["load1"] = round(os.getloadavg()[0], 2)  # other work on the machine skews figures
     units.setdefault(figure, unit)
-    print(json.dumps(line), flush=True)
+    benchlib.emit("mount", figure, value, unit, **extra)
 
 
 def note(text: str) -> None:
@@ -480,6 +478,15 @@ def main() -> None:
             )
             measured("files_10k_memfs", lambda: many_files(mnt, files_payload), "files/s")
 
+        # -- the local disk the stores live on ----------------------------------------------
+        disk = os.path.join(work, "disk")
+        os.makedirs(disk)
+        measured("seq_write_disk", lambda: seq_write(src, f"{disk}/f", seq), "MB/s")
+        measured("cold_read_disk", lambda: cold_read(f"{disk}/f", seq), "MB/s")
+        measured("write_4k_disk", lambda: seq_write(src, f"{disk}/g", small, seq, 4096), "MB/s")
+        measured("files_10k_disk", lambda: many_files(disk, files_payload), "files/s")
+        shutil.rmtree(disk, ignore_errors=True)
+
         # -- casfs --------------------------------------------------------------------------
         store = os.path.join(work, "store")
         run([CASFS, "init", store])
@@ -488,26 +495,38 @@ def main() -> None:
                 "seq_write_casfs",
                 lambda: seq_write(src, f"{mnt}/f", seq),
                 "MB/s",
-                refs=(("seq_write_nullfs", None), ("pipeline_ingest", None)),
+                refs=(
+                    ("seq_write_nullfs", None),
+                    ("pipeline_ingest", None),
+                    ("seq_write_disk", None),
+                ),
             )
         with CasfsMount(store, mnt):
             measured(
                 "cold_read_casfs",
                 lambda: cold_read(f"{mnt}/f", seq),
                 "MB/s",
-                refs=(("cold_read_nullfs", None), ("pipeline_readback", None)),
+                refs=(
+                    ("cold_read_nullfs", None),
+                    ("pipeline_readback", None),
+                    ("cold_read_disk", None),
+                ),
             )
             measured(
                 "write_4k_casfs",
                 lambda: seq_write(src, f"{mnt}/g", small, seq, 4096),
                 "MB/s",
-                refs=(("write_4k_nullfs", None),),
+                refs=(("write_4k_nullfs", None), ("write_4k_disk", None)),
             )
             measured(
                 "files_10k_casfs",
                 lambda: many_files(mnt, files_payload),
                 "files/s",
-                refs=(("files_10k_memfs", None), ("s3ql_anchor", S3QL_FILES_PER_S)),
+                refs=(
+                    ("files_10k_memfs", None),
+                    ("s3ql_anchor", S3QL_FILES_PER_S),
+                    ("files_10k_disk", None),
+                ),
             )
         shutil.rmtree(store, ignore_errors=True)
 

@@ -25,14 +25,14 @@ snapshots.create (building tree objects), the rest is LMDB commit and sync.
 Goals (the issue): after-10-changes < 0.1 s at each size; the ratio <= 1.5; the first
 snapshot of 100,000 files < 5 s. Lines with a goal carry "goal" and "met".
 Prints one JSON line per figure:
-{"bench", ["files"], "value", "unit", ["rounds"], ["create_s"], ["vs"], ["goal", "met"]}.
+{"bench": "snapshot", "figure", "value", "unit", ["files"], ["rounds"], ["create_s"], ["vs"],
+["goal", "met"]}.
 Run: .venv/bin/python bench/snapshot.py [--quick] [--dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -42,6 +42,9 @@ import sys
 import tempfile
 import threading
 import time
+
+import benchlib
+from benchlib import sig
 
 from casfs.tree import diff, snapshots
 from casfs.tree.fs import ROOT_INO, Filesystem
@@ -78,17 +81,19 @@ def source_text(rng: random.Random, n: int) -> bytes:
     return "".join(lines).encode()[:n]
 
 
-def emit(bench: str, value: float, unit: str, **extra: object) -> None:
-    line: dict[str, object] = {"bench": bench}
-    if "files" in extra:
-        line["files"] = extra.pop("files")
-    line.update(value=float(f"{value:.4g}"), unit=unit)
-    line.update(extra)
-    print(json.dumps(line), flush=True)
+def emit(figure: str, value: float, unit: str, **extra: object) -> None:
+    benchlib.emit("snapshot", figure, value, unit, **extra)
 
 
-def build_tree(fs: Filesystem, nfiles: int, rng: random.Random, pool: bytes) -> list[int]:
-    """Create the tree under /src in batches; the file inodes, in creation order."""
+def build_tree(
+    fs: Filesystem,
+    nfiles: int,
+    rng: random.Random,
+    pool: bytes,
+    sizes: tuple[int, int] = (100, 8000),
+) -> list[int]:
+    """Create the tree under /src in batches (file sizes uniform in ``sizes``); the file
+    inodes, in creation order."""
     store = fs.store
     files: list[int] = []
     ops = 0
@@ -104,7 +109,7 @@ def build_tree(fs: Filesystem, nfiles: int, rng: random.Random, pool: bytes) -> 
             d = fs.mkdir(parent, b"mod%02d" % (leaf % DIRS_PER_PARENT), 0o755, 0, 0).ino
             for i in range(min(FILES_PER_DIR, nfiles - len(files))):
                 ino = fs.create(d, b"file%02d.txt" % i, 0o644, 0, 0).ino
-                size = rng.randint(100, 8000)
+                size = rng.randint(*sizes)
                 off = rng.randrange(len(pool) - size)
                 fs.write(ino, 0, pool[off : off + size])
                 files.append(ino)
@@ -132,10 +137,6 @@ def take_snapshot(fs: Filesystem, name: bytes) -> tuple[float, float]:
     t = time.perf_counter()
     store.run_write(create)
     return time.perf_counter() - t, inside[-1]
-
-
-def sig(seconds: float) -> float:
-    return float(f"{seconds:.4g}")
 
 
 def measure(nfiles: int, work: str, pool: bytes) -> dict[str, float]:

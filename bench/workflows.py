@@ -30,6 +30,7 @@ sizes) are printed so that dedup can be read off the stored bytes.
 Stored bytes are on-disk bytes of the store/repository directory (sum of st_blocks * 512 of
 its files; borg's and restic's local caches, outside the repository, are reported apart); for
 casfs also ``casfs stats --json``'s stored_bytes (compressed chunks only, no LMDB overhead).
+``stored_after_bytes`` is each repository's on-disk size after each release's backup.
 
 Goals (dataset A):
   casfs_unchanged_speedup  casfs first import of the last release / its unchanged re-import >= 10
@@ -61,6 +62,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import benchlib
+from benchlib import sig
 from chunk_params import DATASETS, fetch_sdist, fetch_wheel
 
 TOOLS = ("casfs", "borg", "restic")
@@ -74,18 +77,9 @@ goals: list[dict[str, object]] = []
 
 
 def emit(figure: str, value: float | int | None, unit: str, **extra: object) -> None:
-    if isinstance(value, float):
-        value = float(f"{value:.4g}")
-    line: dict[str, object] = {"bench": "workflows", "figure": figure, "value": value}
-    line["unit"] = unit
-    line.update(extra)
+    line = benchlib.emit("workflows", figure, value, unit, **extra)
     if "goal" in extra:
         goals.append(line)
-    print(json.dumps(line), flush=True)
-
-
-def sig(x: float) -> float:
-    return float(f"{x:.4g}")
 
 
 def disk_bytes(path: str) -> int:
@@ -312,10 +306,23 @@ def backup_versions(
             last[tool] = took
             emit("import_s", took, "s", dataset=name, release=version, tool=tool, order=pos,
                  **details)  # fmt: skip
+            emit("stored_after_bytes", disk_bytes(tools.repo(tool, name)), "bytes",
+                 dataset=name, release=version, tool=tool)  # fmt: skip
     totals = {t: s for t, s in totals.items() if t in tools.available}
     for tool, s in totals.items():
         emit("import_total_s", s, "s", dataset=name, tool=tool, releases=len(versions))
     return totals, last
+
+
+def fetch_datasets(data: Path, quick: bool) -> None:
+    """Download and extract what dataset_a and dataset_b read (nothing when all is there)."""
+    for ds in DATASETS:
+        if ds.name == "django-feature":
+            for v in ds.versions[:QUICK_RELEASES] if quick else ds.versions:
+                fetch_sdist(data, ds.package, v)
+        elif ds.name == "numpy-wheels":
+            for v in ds.versions[:QUICK_RELEASES] if quick else ds.versions:
+                fetch_wheel(data, ds.package, v)
 
 
 def dataset_a(tools: Tools, data: Path, quick: bool) -> None:
@@ -394,7 +401,11 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="scratch directory parent (default /var/tmp)")
     here = Path(__file__).resolve().parent
     ap.add_argument("--data", type=Path, default=here / "data", help="datasets (bench/data)")
+    ap.add_argument("--fetch-only", action="store_true", help="fetch missing datasets and stop")
     args = ap.parse_args()
+    if args.fetch_only:
+        fetch_datasets(args.data, args.quick)
+        return
     parent = args.work or ("/var/tmp" if os.path.isdir("/var/tmp") else None)
     if parent is not None:
         os.makedirs(parent, exist_ok=True)
