@@ -58,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    s = sub.add_parser("init", help="create a new, empty store")
+    s = sub.add_parser(
+        "init",
+        help="create a new, empty store",
+        description="Creates STORE (a new directory with mode 0700, or an existing empty one) "
+        "holding an empty live tree. The chunk size and zstd level are fixed for the store's "
+        "life.",
+    )
     s.add_argument("store", metavar="STORE", help="directory to create (absent or empty)")
     s.add_argument(
         "--chunk-avg",
@@ -70,23 +76,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--zstd-level", type=int, default=3, metavar="N", help="1..22 (default 3)")
     s.set_defaults(run=_lazy("commands.init"))
 
-    s = sub.add_parser("stats", help="space used, compression and dedup ratios")
-    s.add_argument("store", metavar="STORE")
+    s = sub.add_parser(
+        "stats",
+        help="space used, compression and dedup ratios",
+        description="Logical, unique and stored bytes, dedup and compression ratios, objects and "
+        "inodes, counting the live tree and every snapshot. Reads the last committed state, so "
+        "beside a running mount it lags by up to a second.",
+    )
+    s.add_argument("store", metavar="STORE", help="store directory (not a mountpoint)")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(run=_lazy("commands.stats"))
 
-    s = sub.add_parser("fsck", help="check refcounts, links and (optionally) every byte")
-    s.add_argument("store", metavar="STORE")
+    s = sub.add_parser(
+        "fsck",
+        help="check refcounts, links and (optionally) every byte",
+        description="Recounts every reference from the roots (live tree, snapshots) and compares "
+        "with what is stored. Reads one committed state, so it may run beside a mount. Exit "
+        "status 0: clean; 1: problems found (one line each).",
+    )
+    s.add_argument("store", metavar="STORE", help="store directory (not a mountpoint)")
     s.add_argument("--verify-data", action="store_true", help="also decode and hash every object")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(run=_lazy("commands.fsck"))
 
-    s = sub.add_parser("mount", help="mount a store's live tree (daemonizes unless --foreground)")
-    s.add_argument("store", metavar="STORE")
+    s = sub.add_parser(
+        "mount",
+        help="mount a store's live tree (daemonizes unless --foreground)",
+        description="Mounts the live tree of STORE at MOUNTPOINT, writable, with its snapshots "
+        "read-only under MOUNTPOINT/.snap/. Without --foreground it returns once the mount is "
+        "ready, leaving a daemon that logs to STORE/mount.log. One mount per store.",
+    )
+    s.add_argument("store", metavar="STORE", help="store directory")
     s.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
     s.add_argument("--foreground", "-f", action="store_true", help="serve in this process")
     s.add_argument("--allow-other", action="store_true", help="let other users see the mount")
-    s.add_argument("--debug", action="store_true", help="log every request (to the log file)")
+    s.add_argument(
+        "--debug",
+        action="store_true",
+        help="log at debug level and trace every FUSE request on stderr (seen with --foreground)",
+    )
     s.add_argument(
         "--write-buffer",
         type=size_arg,
@@ -96,9 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(run=_lazy("mounting.mount"))
 
-    s = sub.add_parser("umount", help="flush, unmount and wait for the daemon to finish")
+    s = sub.add_parser(
+        "umount",
+        help="flush, unmount and wait for the daemon to finish",
+        description="Unmounts MOUNTPOINT, then waits until the daemon has flushed, committed and "
+        "exited: when it returns, the store is consistent on disk. A busy mount is refused "
+        "unless --lazy. A stale mount (its daemon died) is detached.",
+    )
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
-    s.add_argument("--lazy", "-z", action="store_true", help="detach even if busy")
+    s.add_argument(
+        "--lazy", "-z", action="store_true", help="detach even if busy, then wait for the daemon"
+    )
     s.set_defaults(run=_lazy("mounting.umount"))
 
     s = sub.add_parser(
@@ -125,13 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON list")
     s.set_defaults(run=_lazy("snapshots.diff_command"))
 
-    s = sub.add_parser("rollback", help="make the live tree equal to a snapshot (no data copied)")
+    s = sub.add_parser(
+        "rollback",
+        help="make the live tree equal to a snapshot (no data copied)",
+        description="Makes the live tree equal to snapshot NAME, changing only what differs. "
+        "What the snapshot does not hold is removed from the live tree: take a snapshot first "
+        "to keep it.",
+    )
     s.add_argument("target", metavar="MOUNT_OR_STORE")
-    s.add_argument("name", metavar="NAME")
+    s.add_argument("name", metavar="NAME", help="snapshot")
     s.set_defaults(run=_lazy("snapshots.rollback"))
 
     s = sub.add_parser(
-        "restore", help="put a file or directory from a snapshot into the live tree (no copy)"
+        "restore",
+        help="put a file or directory from a snapshot into the live tree (no copy)",
+        description="Puts PATH of snapshot NAME into the live tree at DEST (default: the same "
+        "path), sharing the snapshot's chunks instead of copying them. DEST is relative to the "
+        "tree's root, or an absolute path under the mountpoint.",
     )
     s.add_argument("target", metavar="MOUNT_OR_STORE")
     s.add_argument("name", metavar="NAME", help="snapshot")
@@ -193,8 +239,21 @@ def build_parser() -> argparse.ArgumentParser:
         "not kept by an earlier rule. Prints what is kept and why.",
     )
     s.add_argument("target", metavar="MOUNT_OR_STORE")
-    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
-        s.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    s.add_argument("--keep-last", type=int, default=0, metavar="N", help="keep the N newest")
+    for rule, period in (
+        ("hourly", "hours"),
+        ("daily", "days"),
+        ("weekly", "ISO weeks"),
+        ("monthly", "months"),
+        ("yearly", "years"),
+    ):
+        s.add_argument(
+            f"--keep-{rule}",
+            type=int,
+            default=0,
+            metavar="N",
+            help=f"keep the newest of each of the N most recent {period}",
+        )
     s.add_argument("--prefix", "-P", default="", metavar="P", help="only snapshots named P...")
     s.add_argument("--dry-run", "-n", action="store_true", help="show, delete nothing")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -211,8 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a JSON summary")
     s.set_defaults(run=_lazy("workflows.compact_command"))
 
-    s = sub.add_parser("demo", help="make a demo store filled with sample files and show its stats")
-    s.add_argument("dir", metavar="DIR", nargs="?", default="/tmp/casfs-demo")
+    s = sub.add_parser(
+        "demo",
+        help="mount a demo store holding two copies of Python's standard library, show its stats",
+        description="Creates DIR/store (replacing the store of an earlier demo there), mounts it "
+        "at DIR/mnt, copies this Python's standard library into the mount twice, prints its "
+        "stats and leaves it mounted.",
+    )
+    s.add_argument(
+        "dir", metavar="DIR", nargs="?", default="/tmp/casfs-demo", help="default /tmp/casfs-demo"
+    )
     s.set_defaults(run=_lazy("commands.demo"))
     return p
 
