@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument(
         "--out",
         type=Path,
-        help="report directory (default: docs/, or bench/results/quick/ for --quick)",
+        help="report directory (default: docs/, or bench/results/quick/ for --quick and --only)",
     )
     ap.add_argument("--dir", default="/var/tmp", help="scratch directory parent (default /var/tmp)")
     args = ap.parse_args()
@@ -219,7 +219,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     today = datetime.date.today().isoformat()
     kind = "quick" if args.quick else "full"
-    path = RESULTS / f"run-{today}-{kind}.jsonl"
+    # a partial run (--only) never replaces a whole run's results, nor the committed page
+    part = f"-only-{'-'.join(b.name for b in chosen)}" if args.only else ""
+    path = RESULTS / f"run-{today}-{kind}{part}.jsonl"
     scratch = tempfile.mkdtemp(prefix="casfs-bench-run-", dir=args.dir)
     started = time.monotonic()
     failed = []
@@ -252,7 +254,8 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if not args.no_report:
-        out = args.out or (RESULTS / "quick" if args.quick else REPO / "docs")
+        default = RESULTS / "quick" if args.quick or args.only else REPO / "docs"
+        out = args.out or default
         report = [sys.executable, str(HERE / "report.py"), str(path), "--out", str(out)]
         subprocess.run(report, check=True, cwd=REPO)
     if failed:
