@@ -380,37 +380,33 @@ def scaling(r: Results, plots: Plots | None) -> str:
     return out
 
 
-def scaling_plot(r: Results, plots: Plots, sizes: list[int]) -> str:
-    plt = plots.plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for figure, label in (
+SCALING_PLOTS = (
+    ("snapshot and diff", "seconds", True, (
         ("snapshot_first_s", "first snapshot"),
         ("snapshot_after_10_s", "snapshot after 10 changes"),
         ("diff_10_s", "diff of 10 changes"),
-        ("build_s", "building the tree"),
-    ):
-        ys = [r.value("scaling", figure, files=n) for n in sizes]
-        axes[0].plot(sizes, ys, marker="o", label=label)
-    axes[0].set_xscale("log")
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("files in the tree")
-    axes[0].set_ylabel("seconds")
-    axes[0].set_title("snapshot and diff")
-    axes[0].legend(fontsize=8)
-    for figure, label in (
+        ("build_s", "building the tree"))),
+    ("per operation", "µs", False, (
         ("lookup_mount_us", "lookup via mount"),
         ("ls_l_entry_us", "ls -l via mount, per entry"),
         ("lookup_us", "path resolution in-process"),
-        ("readdir_entry_us", "readdir in-process, per entry"),
-    ):
-        ys = [r.value("scaling", figure, files=n) for n in sizes]
-        axes[1].plot(sizes, ys, marker="o", label=label)
-    axes[1].set_xscale("log")
-    axes[1].set_ylim(bottom=0)
-    axes[1].set_xlabel("files in the tree")
-    axes[1].set_ylabel("µs")
-    axes[1].set_title("per operation")
-    axes[1].legend(fontsize=8)
+        ("readdir_entry_us", "readdir in-process, per entry"))),
+)  # fmt: skip
+
+
+def scaling_plot(r: Results, plots: Plots, sizes: list[int]) -> str:
+    fig, axes = plots.plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, (title, unit, log_y, lines) in zip(axes, SCALING_PLOTS, strict=True):
+        for figure, label in lines:
+            ax.plot(sizes, [r.value("scaling", figure, files=n) for n in sizes], marker="o",
+                    label=label)  # fmt: skip
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0)
+        ax.set(xlabel="files in the tree", ylabel=unit, title=title)
+        ax.legend(fontsize=8)
     return plots.save(fig, "scaling")
 
 
