@@ -28,8 +28,9 @@ that one file, in a separate store/repository per tool. The logical bytes (sum o
 sizes) are printed so that dedup can be read off the stored bytes.
 
 Stored bytes are on-disk bytes of the store/repository directory (sum of st_blocks * 512 of
-its files; borg's and restic's local caches, outside the repository, are reported apart); for
-casfs also ``casfs stats --json``'s stored_bytes (compressed chunks only, no LMDB overhead).
+its files; the tools' files caches are reported apart: borg's and restic's, outside the
+repository, and casfs's STORE/imports); for casfs also ``casfs stats --json``'s stored_bytes
+(compressed objects and packs only, no LMDB overhead).
 ``stored_after_bytes`` is each repository's on-disk size after each release's backup.
 
 Goals (dataset A):
@@ -229,7 +230,15 @@ class Tools:
         return took, details
 
     def stored(self, dataset: str) -> dict[str, int]:
-        return {tool: disk_bytes(self.repo(tool, dataset)) for tool in self.available}
+        return {tool: self.repo_bytes(tool, dataset) for tool in self.available}
+
+    def repo_bytes(self, tool: str, dataset: str) -> int:
+        """On-disk bytes of a repository; casfs's files cache (STORE/imports, the
+        counterpart of borg's and restic's caches) is reported apart like theirs."""
+        total = disk_bytes(self.repo(tool, dataset))
+        if tool == "casfs":
+            total -= disk_bytes(os.path.join(self.repo(tool, dataset), "imports"))
+        return total
 
 
 def rotate(tools: list[str], k: int) -> list[str]:
@@ -270,6 +279,8 @@ def stored_lines(tools: Tools, dataset: str, logical: int) -> dict[str, int]:
             extra["cache_bytes"] = disk_bytes(tools.env["BORG_BASE_DIR"])
         elif tool == "restic":
             extra["cache_bytes"] = disk_bytes(tools.env["RESTIC_CACHE_DIR"])
+        else:
+            extra["cache_bytes"] = disk_bytes(os.path.join(tools.repo(tool, dataset), "imports"))
         emit("stored_bytes", n, "bytes", dataset=dataset, tool=tool, **extra)
     r = subprocess.run([*tools.casfs, "stats", "--json", tools.repo("casfs", dataset)],
                        capture_output=True, text=True, check=True)  # fmt: skip
@@ -306,7 +317,7 @@ def backup_versions(
             last[tool] = took
             emit("import_s", took, "s", dataset=name, release=version, tool=tool, order=pos,
                  **details)  # fmt: skip
-            emit("stored_after_bytes", disk_bytes(tools.repo(tool, name)), "bytes",
+            emit("stored_after_bytes", tools.repo_bytes(tool, name), "bytes",
                  dataset=name, release=version, tool=tool)  # fmt: skip
     totals = {t: s for t, s in totals.items() if t in tools.available}
     for tool, s in totals.items():

@@ -33,6 +33,7 @@ from conftest import (
 )
 
 KiB, MiB = 1 << 10, 1 << 20
+PACK_SLACK = 16 * KiB  # space of freed small objects returns by pack (casfs.store.packs)
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
@@ -687,14 +688,15 @@ def test_deleting_a_snapshot_reclaims_its_space_exactly(mounted: CasfsMount):
     assert read_file(m / ".snap" / "s" / "big") == data
 
     cli_ok("snapshot", "-d", m, "s")
-    # What the kernel still held of it (we read it) is freed at its forget: poll.
-    assert poll(lambda: mounted.stats()["stored_bytes"] <= with_file - exclusive), (
+    # What the kernel still held of it (we read it) is freed at its forget: poll. Small
+    # objects share packs, whose space returns by pack, so exact to within PACK_SLACK.
+    assert poll(lambda: mounted.stats()["stored_bytes"] <= with_file - exclusive + PACK_SLACK), (
         with_file,
         exclusive,
         mounted.stats(),
     )
     after = mounted.stats()["stored_bytes"]
-    assert after == with_file - exclusive, (with_file, after, exclusive)
+    assert abs(after - (with_file - exclusive)) <= PACK_SLACK, (with_file, after, exclusive)
     assert base <= after <= base + 64 * KiB, (base, after)
     assert read_file(m / "keep") == b"stays"
 

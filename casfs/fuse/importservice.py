@@ -83,6 +83,8 @@ async def run_import(
         async with ops.snapshots.lock:
             await trio.to_thread.run_sync(importer.record, name)
             ops.flusher.commit(durable=True)
+            # the commit packed the last small chunks: only now is the growth known
+            await trio.to_thread.run_sync(importer.measure_new_bytes)
     except BaseException:
         with trio.CancelScope(shield=True):
             try:

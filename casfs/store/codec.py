@@ -50,6 +50,10 @@ class Codec:
             return layout.object_header(kind, layout.CODEC_ZSTD) + packed
         return layout.object_header(kind, layout.CODEC_RAW) + bytes(plain)
 
+    def decompress(self, frame: bytes | memoryview) -> bytes:
+        """One zstd frame's bytes (raises zstandard.ZstdError)."""
+        return self._decompressor().decompress(frame)
+
     def decode(self, digest: bytes, value: bytes | memoryview) -> bytes:
         """Plain bytes of a stored object, verified against ``digest``.
 
@@ -64,7 +68,7 @@ class Codec:
             plain = bytes(payload)
         elif codec == layout.CODEC_ZSTD:
             try:
-                plain = self._decompressor().decompress(payload)
+                plain = self.decompress(payload)
             except zstandard.ZstdError as exc:
                 raise CorruptObject(digest, f"zstd frame does not decode ({exc})") from None
         else:

@@ -26,8 +26,11 @@ meta          ascii name                    see ``META_*`` below: format, uuid, 
                                             chunker parameters, zstd level, statistics counters
 objects       digest (32, BLAKE3-256 of     1 header byte (``kind << 4 | codec``) + payload
               the plain bytes)              (raw bytes, or one zstd frame)
-refs          digest                        refcount u64 + plain length u32. An object exists
-                                            exactly when its refs row does; count >= 1.
+refs          digest                        refcount u64 + plain length u32, and for an object
+                                            kept in a pack: pack id u64 + offset u32 of its
+                                            bytes in the pack's plain text + kind u8. An
+                                            object exists exactly when its refs row does;
+                                            count >= 1.
 inodes        ino u64                       packed :class:`casfs.tree.records.Inode`; a
                                             symlink's target follows the fixed part
 dirents       parent u64 + name             child ino u64 + cookie u64
@@ -56,7 +59,21 @@ pins          digest                        u64 count: references held for the k
 recut         ino u64                       empty. A regular file whose chunks may not be those
                                             one whole-file cut would give (written out of
                                             order); its content digest is found by reading it.
+packs         pack id u64                   1 header byte (``KIND_PACK << 4 | codec``) + payload
+                                            (raw, or one zstd frame) of: u32 n, n x u32 member
+                                            lengths, the members' plain bytes end to end
+packstat      pack id u64                   live members u32 + live plain bytes u32 + all
+                                            plain bytes u32 + stored value length u32
 ============  ============================  =====================================================
+
+Small objects (up to ``PACK_OBJECT_MAX`` plain bytes: chunks of small files, tree objects,
+manifests) live in *packs*: the new small objects of a transaction are gathered, at its
+commit, into packs of about ``PACK_TARGET`` plain bytes compressed as one zstd frame, so that
+small files compress with each other's context and do not each round a value up to whole LMDB
+pages. A packed object has no ``objects`` row; its ``refs`` row says where it is. When a
+member's last reference goes, its pack's ``packstat`` row is updated; once less than half of
+a pack's bytes are live, the live members are packed anew and the old pack deleted (see
+:mod:`casfs.store.packs`).
 
 Objects are chunks (file bytes), tree objects (one directory of a snapshot) and manifests
 (a large file's chunk list); see :mod:`casfs.tree.merkle`. The refcount of an object is the
@@ -68,7 +85,7 @@ from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MARKER_FILE = "casfs-store.json"
 LOCK_FILE = "casfs.lock"
 RESERVE_FILE = "reserve"
@@ -91,6 +108,8 @@ DB_NAMES = (
     b"snapshots",
     b"pins",
     b"recut",
+    b"packs",
+    b"packstat",
 )
 
 # meta keys
@@ -102,6 +121,7 @@ META_CHUNK_AVG = b"chunk_avg"
 META_CHUNK_MAX = b"chunk_max"
 META_ZSTD_LEVEL = b"zstd_level"
 META_NEXT_SNAPSHOT = b"next_snapshot"  # snapshot ids are never reused (inode numbers)
+META_NEXT_PACK = b"next_pack"  # pack ids are never reused (readers cache packs by id)
 META_COMMITS = b"commits"  # bumped by Store.advance: a commit that only moves LMDB on
 # Statistics counters, kept exact in the same transaction as the change they count, so that
 # `casfs stats` and statfs never scan a table.
@@ -116,12 +136,15 @@ STATS = (STAT_OBJECTS, STAT_STORED_BYTES, STAT_PLAIN_BYTES, STAT_REFERENCED_BYTE
 KIND_CHUNK = 0
 KIND_TREE = 1
 KIND_MANIFEST = 2
+KIND_PACK = 3
 CODEC_RAW = 0
 CODEC_ZSTD = 1
 
 _U64 = struct.Struct(">Q")
 _U64_U64 = struct.Struct(">QQ")
 _REF = struct.Struct(">QI")
+_PACKED_AT = struct.Struct(">QIB")
+_PACKSTAT = struct.Struct(">IIII")
 _EXTENT = struct.Struct(">32sI")
 
 
@@ -181,12 +204,35 @@ def read_extent_value(b: bytes) -> tuple[bytes, int]:
     return _EXTENT.unpack(b)
 
 
-def ref_value(count: int, plain_len: int) -> bytes:
-    return _REF.pack(count, plain_len)
+def ref_value(count: int, plain_len: int, packed_at: bytes = b"") -> bytes:
+    """A refs value; ``packed_at`` is the location part of a packed object's row."""
+    return _REF.pack(count, plain_len) + packed_at
 
 
 def read_ref_value(b: bytes) -> tuple[int, int]:
-    return _REF.unpack(b)
+    """(count, plain length) of a refs value."""
+    return _REF.unpack_from(b)
+
+
+def packed_at(pack: int, offset: int, kind: int) -> bytes:
+    return _PACKED_AT.pack(pack, offset, kind)
+
+
+def read_packed_at(ref: bytes) -> tuple[int, int, int] | None:
+    """(pack id, offset, object kind) of a packed object's refs value; None for an object
+    with an ``objects`` row. Pack id 0: not packed yet (in its transaction's pending map)."""
+    if len(ref) <= _REF.size:
+        return None
+    return _PACKED_AT.unpack_from(ref, _REF.size)
+
+
+def packstat_value(live: int, live_bytes: int, plain_bytes: int, stored: int) -> bytes:
+    return _PACKSTAT.pack(live, live_bytes, plain_bytes, stored)
+
+
+def read_packstat(b: bytes) -> tuple[int, int, int, int]:
+    """(live members, live plain bytes, all plain bytes, stored value length)."""
+    return _PACKSTAT.unpack(b)
 
 
 def link_key(ino: int, parent: int) -> bytes:

@@ -11,7 +11,8 @@ Transactions
 Objects and refcounts
     :meth:`add_ref` stores an object on its first reference and counts the others;
     :meth:`drop_ref` frees it with its last. Both change the statistics counters in ``meta`` in
-    the same transaction, so ``casfs stats`` never scans a table.
+    the same transaction, so ``casfs stats`` never scans a table. Small chunks are kept in
+    packs (:mod:`casfs.store.packs`), written when the outermost transaction commits.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from casfs.store.chunker import DEFAULT_AVG, ChunkParams, require_compiled_chunk
 from casfs.store.codec import Codec
 from casfs.store.lock import WriterLock
 from casfs.store.memory import tune_malloc
+from casfs.store.packs import Packer, packable
 
 T = TypeVar("T")
 
@@ -73,7 +75,7 @@ class Tx:
     LMDB calls each. A child transaction hands its deltas to its parent when it commits and
     drops them when it aborts, like its other changes."""
 
-    __slots__ = ("txn", "dbs", "write", "parent", "deltas", "written")
+    __slots__ = ("txn", "dbs", "write", "parent", "deltas", "written", "pending", "packer")
 
     def __init__(
         self,
@@ -81,13 +83,16 @@ class Tx:
         dbs: dict[bytes, object],
         write: bool,
         parent: Tx | None = None,
+        packer: Packer | None = None,
     ) -> None:
         self.txn = txn
         self.dbs = dbs
         self.write = write
         self.parent = parent
+        self.packer = packer
         self.deltas: dict[bytes, int] = {}
         self.written = 0  # bytes put (keys and values): what the commit will need in the map
+        self.pending: dict[bytes, bytes] = {}  # new small chunks, packed at the outer commit
 
     def get(self, db: bytes, key: bytes) -> bytes | None:
         return self.txn.get(key, db=self.dbs[db])
@@ -115,15 +120,18 @@ class Tx:
         self.deltas[key] = self.deltas.get(key, 0) + delta
 
     def commit(self) -> None:
-        """Commit; a child's counter deltas pass to its parent, an outermost one's are
-        written to ``meta`` first."""
+        """Commit; a child's counter deltas and pending chunks pass to its parent, an
+        outermost one packs its pending chunks and writes its deltas to ``meta`` first."""
         if self.parent is not None:
             self.txn.commit()
             for key, d in self.deltas.items():
                 self.parent.deltas[key] = self.parent.deltas.get(key, 0) + d
             self.parent.written += self.written
+            self.parent.pending.update(self.pending)
         else:
             try:
+                if self.pending and self.packer is not None:
+                    self.packer.flush(self)
                 for key, d in self.deltas.items():
                     if d:
                         value = self.get(b"meta", key)
@@ -269,6 +277,7 @@ class Store:
         self._stack: list[Tx] = []
         self._batch: Tx | None = None
         self.batch_bytes = 0  # file data applied in the open batch (callers count it)
+        self.packer: Packer | None = None  # set once the codec is known
         with self.read() as tx:
             fmt = tx.get_u64(layout.META_FORMAT)
             stored_uuid = (tx.get(b"meta", layout.META_UUID) or b"").decode()
@@ -282,6 +291,7 @@ class Store:
             self.close()
             raise StoreError(f"store {self.path}: database does not match its marker file")
         self.codec = Codec(zstd_level)
+        self.packer = Packer(self.codec)
         self._reserve_held = False
         self._advancing = False
         if writer:
@@ -402,7 +412,7 @@ class Store:
             # Another process grew the map: adopt its size and try again.
             self.env.set_mapsize(0)
             txn = self.env.begin(write=write, parent=parent.txn if parent else None)
-        return Tx(txn, self.dbs, write, parent)
+        return Tx(txn, self.dbs, write, parent, self.packer)
 
     @contextmanager
     def read(self) -> Iterator[Tx]:
@@ -622,22 +632,39 @@ class Store:
     def has_object(self, tx: Tx, digest: bytes) -> bool:
         return tx.get(b"refs", digest) is not None
 
-    def add_ref(self, tx: Tx, digest: bytes, value: bytes | None, plain_len: int) -> bool:
-        """Count one more reference to ``digest``; store ``value`` if it is new.
+    def add_ref(
+        self,
+        tx: Tx,
+        digest: bytes,
+        value: bytes | None,
+        plain_len: int,
+        plain: bytes | memoryview | None = None,
+        kind: int = layout.KIND_CHUNK,
+    ) -> bool:
+        """Count one more reference to ``digest``; store the object if it is new.
 
-        Returns True when the object was new. ``value`` may be None when the caller knows the
-        object exists; a missing object then raises (it would be a dangling reference).
+        The object is ``value`` (encoded) or else ``plain`` of ``kind``: a small one goes to
+        a pack, a larger one is encoded here. Returns True when the object was new. With
+        neither, the caller knows the object exists; a missing one then raises (it would be a
+        dangling reference).
         """
         ref = tx.get(b"refs", digest)
         if ref is not None:
             count, size = layout.read_ref_value(ref)
-            tx.put(b"refs", digest, layout.ref_value(count + 1, size))
+            tx.put(b"refs", digest, layout.ref_value(count + 1, size) + ref[12:])
             tx.add_u64(layout.STAT_REFERENCED_BYTES, size)
             return False
         if value is None:
-            raise CorruptObject(digest, "referenced but not stored")
-        tx.put(b"objects", digest, value)
-        tx.put(b"refs", digest, layout.ref_value(1, plain_len))
+            if plain is None:
+                raise CorruptObject(digest, "referenced but not stored")
+            if packable(plain_len):
+                self.packer.add(tx, digest, plain, kind)
+                value = b""  # its share of a pack is counted when the pack is written
+            else:
+                value = self.codec.encode(plain, kind)
+        if value:
+            tx.put(b"objects", digest, value)
+            tx.put(b"refs", digest, layout.ref_value(1, plain_len))
         tx.add_u64(layout.STAT_OBJECTS, 1)
         tx.add_u64(layout.STAT_STORED_BYTES, len(value))
         tx.add_u64(layout.STAT_PLAIN_BYTES, plain_len)
@@ -646,30 +673,58 @@ class Store:
 
     def drop_ref(self, tx: Tx, digest: bytes) -> bytes | None:
         """Remove one reference; free the object with its last. Returns the freed object's
-        stored value (so a tree object's children can be released in turn), else None."""
+        stored value (so a tree object's children can be released in turn; a packed chunk
+        gives its header alone, a packed tree object a raw value), else None."""
         ref = tx.get(b"refs", digest)
         if ref is None:
             raise CorruptObject(digest, "reference dropped but none counted")
         count, size = layout.read_ref_value(ref)
         tx.add_u64(layout.STAT_REFERENCED_BYTES, -size)
         if count > 1:
-            tx.put(b"refs", digest, layout.ref_value(count - 1, size))
+            tx.put(b"refs", digest, layout.ref_value(count - 1, size) + ref[12:])
             return None
-        value = tx.get(b"objects", digest)
         tx.delete(b"refs", digest)
-        tx.delete(b"objects", digest)
         tx.add_u64(layout.STAT_OBJECTS, -1)
-        tx.add_u64(layout.STAT_STORED_BYTES, -len(value) if value else 0)
         tx.add_u64(layout.STAT_PLAIN_BYTES, -size)
+        at = layout.read_packed_at(ref)
+        if at is not None:
+            header = layout.object_header(at[2], layout.CODEC_RAW)
+            plain = b"" if at[2] == layout.KIND_CHUNK else self.packer.read(tx, digest, at, size)
+            self.packer.forget(tx, at, size)
+            return header + plain
+        value = tx.get(b"objects", digest)
+        tx.delete(b"objects", digest)
+        tx.add_u64(layout.STAT_STORED_BYTES, -len(value) if value else 0)
         return value if value is not None else b"\0"
 
     def load_value(self, tx: Tx, digest: bytes) -> bytes:
         """The stored (still encoded) value of an object; decode it with ``self.codec``,
-        in a worker thread if it is large."""
+        in a worker thread if it is large. A packed chunk comes as a raw value."""
         value = tx.get(b"objects", digest)
-        if value is None:
+        if value is not None:
+            return value
+        ref = tx.get(b"refs", digest)
+        at = layout.read_packed_at(ref) if ref is not None else None
+        if at is None:
             raise CorruptObject(digest, "object is missing")
-        return value
+        size = layout.read_ref_value(ref)[1]
+        header = layout.object_header(at[2], layout.CODEC_RAW)
+        return header + self.packer.read(tx, digest, at, size)
+
+    def object_info(self, tx: Tx, digest: bytes) -> tuple[int, int]:
+        """(kind, stored bytes) of an object. A packed object accounts for its share of its
+        compressed pack, by plain size."""
+        ref = tx.get(b"refs", digest)
+        at = layout.read_packed_at(ref) if ref is not None else None
+        if at is None:
+            value = self.load_value(tx, digest)
+            return layout.split_object(value)[0], len(value)
+        size = layout.read_ref_value(ref)[1]
+        row = tx.get(b"packstat", layout.u64(at[0]))
+        if row is None:
+            return at[2], size  # pending: not compressed yet
+        _, _, plain_bytes, stored = layout.read_packstat(row)
+        return at[2], stored * size // max(1, plain_bytes)
 
     def load(self, tx: Tx, digest: bytes) -> bytes:
         return self.codec.decode(digest, self.load_value(tx, digest))

@@ -239,6 +239,14 @@ def _check_merkle(
             refs.update(treeobjects.refs_of(kind, store.codec.decode(bytes(digest), value)))
         except CorruptObject as exc:
             report.add("corrupt", str(exc))
+    for digest, ref in tx.prefix(b"refs", b""):
+        at = layout.read_packed_at(ref)
+        if at is None or at[2] == layout.KIND_CHUNK:
+            continue
+        try:
+            refs.update(treeobjects.refs_of(at[2], store.load(tx, bytes(digest))))
+        except CorruptObject as exc:
+            report.add("corrupt", str(exc))
     return refs
 
 
@@ -253,10 +261,19 @@ def _recompute(store: Store, tx: Tx, merkle: LiveDigests, inode: Inode) -> bytes
 
 def _check_objects(tx: Tx, counted: Counter[bytes], report: FsckReport) -> None:
     stored: dict[bytes, int] = {}
+    in_packs: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # pack: members, bytes
     for digest, value in tx.prefix(b"refs", b""):
-        count, _ = layout.read_ref_value(value)
+        count, size = layout.read_ref_value(value)
         stored[digest] = count
-        if tx.get(b"objects", digest) is None:
+        at = layout.read_packed_at(value)
+        if at is not None:
+            report.objects += 1
+            if tx.get(b"packs", layout.u64(at[0])) is None:
+                report.add("dangling", f"object {digest.hex()} is in pack {at[0]}, not stored")
+            else:
+                in_packs[at[0]][0] += 1
+                in_packs[at[0]][1] += size
+        elif tx.get(b"objects", digest) is None:
             report.add("dangling", f"object {digest.hex()} is counted but not stored")
         want = counted.get(digest, 0)
         if want == 0:
@@ -274,6 +291,33 @@ def _check_objects(tx: Tx, counted: Counter[bytes], report: FsckReport) -> None:
         report.add(
             "dangling", f"object {digest.hex()} is referenced {counted[digest]}x but missing"
         )
+    _check_packs(tx, in_packs, report)
+
+
+def _check_packs(tx: Tx, in_packs: dict[int, list[int]], report: FsckReport) -> None:
+    """Every pack holds live chunks and its packstat row counts them; no pack is missing."""
+    seen = set()
+    for key, value in tx.prefix(b"packstat", b""):
+        pack = layout.read_u64(key)
+        seen.add(pack)
+        live, live_bytes, plain_bytes, stored = layout.read_packstat(value)
+        members, size = in_packs.get(pack, (0, 0))
+        packed = tx.get(b"packs", key)
+        if packed is None:
+            report.add("dangling", f"pack {pack} has a packstat row but is not stored")
+        elif len(packed) != stored:
+            report.add("stats", f"pack {pack} is {len(packed)} bytes, its packstat says {stored}")
+        if members == 0:
+            report.add("leak", f"pack {pack} holds no live chunk")
+        elif (live, live_bytes) != (members, size):
+            report.add(
+                "refcount",
+                f"pack {pack} counts {live} live chunks of {live_bytes} bytes, "
+                f"found {members} of {size}",
+            )
+    for key in tx.cursor(b"packs").iternext(keys=True, values=False):
+        if layout.read_u64(key) not in seen:
+            report.add("leak", f"pack {layout.read_u64(key)} has no packstat row")
 
 
 def _check_xattrs(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> None:
@@ -299,6 +343,8 @@ def _check_stats(tx: Tx, inodes: dict[int, Inode], report: FsckReport) -> None:
         stored += len(obj) if obj else 0
         plain += size
         referenced += count * size
+    for _, value in tx.prefix(b"packs", b""):
+        stored += len(value)
     want = {
         layout.STAT_OBJECTS: objects,
         layout.STAT_STORED_BYTES: stored,
@@ -317,12 +363,37 @@ def _verify_data(
 ) -> None:
     """Decode every object; name each corrupt one with the live and snapshot files using it."""
     bad: dict[bytes, str] = {}
-    for n, (digest, value) in enumerate(tx.prefix(b"objects", b""), 1):
+    members: dict[int, list[tuple[bytes, int, int]]] = defaultdict(list)
+    n = 0
+    for digest, ref in tx.prefix(b"refs", b""):
+        at = layout.read_packed_at(ref)
+        if at is not None:
+            members[at[0]].append((bytes(digest), at[1], layout.read_ref_value(ref)[1]))
+            continue
+        n += 1
         try:
+            value = store.load_value(tx, bytes(digest))
             report.verified_bytes += len(store.codec.decode(digest, value))
         except CorruptObject as exc:
             bad[bytes(digest)] = str(exc)
         if progress and n % 1000 == 0:
+            progress(f"verified {n} objects, {report.verified_bytes >> 20} MiB")
+    for pack, chunks in members.items():  # each pack decoded once
+        value = tx.get(b"packs", layout.u64(pack))
+        if value is None:
+            continue  # reported as dangling already
+        try:
+            plain = store.packer.decode_pack(chunks[0][0], pack, value)
+        except CorruptObject as exc:
+            bad.update((d, str(exc)) for d, _, _ in chunks)
+            continue
+        for digest, offset, size in chunks:
+            if digest_of(plain[offset : offset + size]) == digest:
+                report.verified_bytes += size
+            else:
+                bad[digest] = str(CorruptObject(digest, "content does not match its digest"))
+        n += len(chunks)
+        if progress:
             progress(f"verified {n} objects, {report.verified_bytes >> 20} MiB")
     if not bad:
         return

@@ -202,12 +202,11 @@ def exclusive_bytes(tx: Tx, store: Store, root: bytes) -> int:
     total = 0
     while ready:
         digest = ready.pop()
-        value = store.load_value(tx, digest)
-        total += len(value)
-        kind, _, _ = layout.split_object(value)
+        kind, stored = store.object_info(tx, digest)
+        total += stored
         if kind == layout.KIND_CHUNK:
             continue
-        for ref in treeobjects.refs_of(kind, store.codec.decode(digest, value)):
+        for ref in treeobjects.refs_of(kind, store.load(tx, digest)):
             from_inside[ref] += 1
             if from_inside[ref] == _refcount(tx, ref):
                 ready.append(ref)

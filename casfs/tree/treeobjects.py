@@ -223,7 +223,7 @@ def put(store: Store, tx: Tx, kind: int, plain: bytes, refs: list[bytes]) -> byt
     if store.has_object(tx, digest):
         store.add_ref(tx, digest, None, len(plain))
         return digest
-    store.add_ref(tx, digest, store.codec.encode(plain, kind), len(plain))
+    store.add_ref(tx, digest, None, len(plain), plain, kind)
     for ref in refs:
         store.add_ref(tx, ref, None, 0)
     return digest

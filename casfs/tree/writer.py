@@ -23,6 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from casfs.store import layout
+from casfs.store.packs import packable
 from casfs.store.pipeline import Piece, settled, spans_of
 from casfs.store.store import Tx
 from casfs.tree.content import Content, Extent
@@ -141,11 +142,12 @@ class Write:
         )
 
     def pick(self, tx: Tx, pieces: list[Piece]) -> list[Piece]:
-        """Chunks the store does not hold yet, each once: only those are compressed."""
+        """Chunks the store does not hold yet, each once, that are to be compressed on their
+        own (small ones go to packs, compressed together at commit)."""
         seen: set[bytes] = set()
         new = []
         for p in pieces:
-            if p.digest is not None and p.digest not in seen:
+            if p.digest is not None and p.digest not in seen and not packable(p.length):
                 seen.add(p.digest)
                 if not self.content.store.has_object(tx, p.digest):
                     new.append(p)
@@ -172,11 +174,8 @@ class Write:
         for p in pieces:
             if p.digest is None:
                 continue  # all zeros: leave a hole
-            value = values.get(p.digest)
-            if value is None and not store.has_object(tx, p.digest):
-                value = store.codec.encode(self.chunk(p.offset, p.length))  # freed since pick
-                values[p.digest] = value
-            store.add_ref(tx, p.digest, value, p.length)
+            plain = self.chunk(p.offset, p.length)
+            store.add_ref(tx, p.digest, values.get(p.digest), p.length, plain)
             tx.put(
                 b"extents",
                 layout.extent_key(self.ino, p.offset),

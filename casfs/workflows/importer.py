@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 from casfs.errors import CasfsError
 from casfs.store import layout
 from casfs.store.codec import digest_of
+from casfs.store.packs import packable
 from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store, Tx, overlaps
 from casfs.tree import snapshots, treeobjects
@@ -86,7 +87,7 @@ class ImportResult:
     dirs: int = 0
     bytes_total: int = 0  # logical bytes of the regular files
     bytes_read: int = 0
-    bytes_new: int = 0  # stored (compressed) bytes of the objects this import added
+    bytes_new: int = 0  # growth of the store's stored (compressed) bytes during the import
     files_unchanged: int = 0  # taken from the files cache without reading
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -250,6 +251,7 @@ class Importer:
         self.waiting: _Group | None = None  # gathered, compressing, applied at the next flush
         self.totals = Totals()
         self._started = time.monotonic()
+        self._stored_before = 0
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -267,6 +269,7 @@ class Importer:
 
     def run(self) -> None:
         self.check_source()
+        self._stored_before = self._stored_bytes()
         last = filescache.load(self.store.path, self.src)
         root, names = scan(self.src, self._warn, self.one_file_system)
         self.progress.files_total = sum(1 for _ in _walk_files(root))
@@ -574,7 +577,10 @@ class Importer:
         def pick(tx: Tx) -> list[bytes]:
             return [d for d in candidates if not self.store.has_object(tx, d)]
 
-        group.new = self.access.read(pick) if candidates else []
+        # Small chunks go to packs, compressed together at commit; the others are
+        # compressed here, in the pool.
+        new = self.access.read(pick) if candidates else []
+        group.new = [d for d in new if not packable(len(group.plain[d]))]
         group.encoded = self.pipeline.compress_async([group.plain[d] for d in group.new])
 
     def _apply(self, group: _Group | None) -> None:
@@ -582,33 +588,33 @@ class Importer:
             return
         values = dict(zip(group.new, group.encoded.result(), strict=True))
         store = self.store
-        codec = store.codec
 
-        def run(tx: Tx) -> tuple[Counter, int]:
+        def run(tx: Tx) -> Counter:
             pins: Counter[bytes] = Counter()
-            added = 0
             for kind, op in group.ops:
                 if kind == "chunk":
                     digest, n = op
-                    value = values.get(digest)
-                    if value is None and not store.has_object(tx, digest):
-                        value = codec.encode(group.plain[digest])  # freed meanwhile
-                    if store.add_ref(tx, digest, value, n) and value is not None:
-                        added += len(value)
+                    store.add_ref(tx, digest, values.get(digest), n, group.plain[digest])
                     pins[digest] += 1
                 elif kind == "hold":
                     for digest in op:
                         store.add_ref(tx, digest, None, 0)
                         pins[digest] += 1
                 else:
-                    added += _take_over(store, tx, op, pins)
+                    _take_over(store, tx, op, pins)
             _pin(tx, store, pins)
-            return pins, added
+            return pins
 
-        pins, added = self.access.write(run)
-        self.held.update(pins)
+        self.held.update(self.access.write(run))
         self.held = +self.held  # drop zero counts
-        self.result.bytes_new += added
+
+    def _stored_bytes(self) -> int:
+        return self.access.read(lambda tx: tx.get_u64(layout.STAT_STORED_BYTES))
+
+    def measure_new_bytes(self) -> None:
+        """Set ``bytes_new`` from the store's counter: small chunks are packed (and their
+        compressed size known) only at commit, so call this after the last commit."""
+        self.result.bytes_new = max(0, self._stored_bytes() - self._stored_before)
 
     def record(self, name: bytes, created_ns: int | None = None) -> Snapshot:
         """Name the built tree as snapshot ``name`` (the record takes the import's
@@ -630,6 +636,7 @@ class Importer:
                 filescache.save(self.store.path, self.src, self.seen)
         except OSError as exc:
             self._warn(f"could not save the files cache ({exc.strerror}); next import reads all")
+        self.measure_new_bytes()
         self.result.snapshot = snapshots.describe(snap)
         self.result.seconds = time.monotonic() - self._started
         return snap
@@ -663,9 +670,9 @@ class Importer:
             self.on_progress(self.progress)
 
 
-def _take_over(store: Store, tx: Tx, o: _Object, pins: Counter) -> int:
+def _take_over(store: Store, tx: Tx, o: _Object, pins: Counter) -> None:
     """Store object ``o`` holding the references the import held on its children, or, if it
-    exists, hold it once more and release those. Returns the stored bytes added."""
+    exists, hold it once more and release those."""
     for ref in o.refs:
         pins[ref] -= 1
     pins[o.digest] += 1
@@ -673,10 +680,8 @@ def _take_over(store: Store, tx: Tx, o: _Object, pins: Counter) -> int:
         store.add_ref(tx, o.digest, None, 0)
         for ref in o.refs:
             treeobjects.release(store, tx, ref)
-        return 0
-    value = store.codec.encode(o.plain, o.kind)
-    store.add_ref(tx, o.digest, value, len(o.plain))
-    return len(value)
+        return
+    store.add_ref(tx, o.digest, None, len(o.plain), o.plain, o.kind)
 
 
 def _pin(tx: Tx, store: Store, delta: Counter) -> None:
