@@ -76,6 +76,16 @@ def flip_byte(data_mdb: Path, chunk: bytes) -> None:
     data_mdb.write_bytes(raw)
 
 
+def truncate_data(size: int | None):
+    """A damage for a store directory: data.mdb cut to ``size`` bytes (None: to half)."""
+
+    def damage(store: Path) -> None:
+        data = store / "data.mdb"
+        os.truncate(data, data.stat().st_size // 2 if size is None else size)
+
+    return damage
+
+
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` (such as "32m") mounted at ``path``, for full-disk tests; the

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import CasfsMount, casfs_cli, flip_byte
+from conftest import CasfsMount, casfs_cli, flip_byte, truncate_data
 
 from casfs.errors import CorruptObject
 from casfs.store.store import Store
@@ -241,14 +241,6 @@ def template(tmp_path_factory) -> Path:
     return path
 
 
-def _truncate(size: int | None):
-    def damage(store: Path) -> None:
-        data = store / "data.mdb"
-        os.truncate(data, data.stat().st_size // 2 if size is None else size)
-
-    return damage
-
-
 def _garbage(store: Path) -> None:
     with open(store / "data.mdb", "r+b") as f:
         f.write(random.Random(8).randbytes(8 << 10))
@@ -259,9 +251,9 @@ def _delete(name: str):
 
 
 DAMAGES = [
-    pytest.param(_truncate(None), id="data.mdb-truncated-to-half"),
-    pytest.param(_truncate(4096), id="data.mdb-truncated-to-4096"),
-    pytest.param(_truncate(0), id="data.mdb-truncated-to-0"),
+    pytest.param(truncate_data(None), id="data.mdb-truncated-to-half"),
+    pytest.param(truncate_data(4096), id="data.mdb-truncated-to-4096"),
+    pytest.param(truncate_data(0), id="data.mdb-truncated-to-0"),
     pytest.param(_garbage, id="data.mdb-first-8KiB-garbage"),
     pytest.param(_delete("data.mdb"), id="data.mdb-deleted"),
     pytest.param(_delete("casfs-store.json"), id="marker-deleted"),

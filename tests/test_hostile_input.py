@@ -44,7 +44,7 @@ from pathlib import Path
 from subprocess import PIPE
 
 import pytest
-from conftest import CasfsMount, casfs_cli, casfs_mount, is_mounted
+from conftest import CasfsMount, casfs_cli, casfs_mount, is_mounted, truncate_data
 
 from casfs.store import layout
 from casfs.store.store import Store
@@ -183,14 +183,6 @@ def _set_format(version: int):
     return damage
 
 
-def _truncate(size: int | None):
-    def damage(store: Path) -> None:
-        data = store / "data.mdb"
-        os.truncate(data, data.stat().st_size // 2 if size is None else size)
-
-    return damage
-
-
 def _garbage(store: Path) -> None:
     data = store / "data.mdb"
     data.write_bytes(random.Random(99).randbytes(data.stat().st_size))
@@ -199,11 +191,11 @@ def _garbage(store: Path) -> None:
 # Damaged copies of the valid store, by placeholder name.
 DAMAGED = {
     "fmt99": _set_format(99),
-    "trunc100": _truncate(100),
+    "trunc100": truncate_data(100),
     "garbage": _garbage,
     "badjson": _rewrite_marker("{not json\n"),
-    "trunchalf": _truncate(None),
-    "dataempty": _truncate(0),
+    "trunchalf": truncate_data(None),
+    "dataempty": truncate_data(0),
     "datamissing": lambda store: (store / "data.mdb").unlink(),
     "otheruuid": _rewrite_marker(f'{{"format": {layout.FORMAT_VERSION}, "uuid": "x"}}'),
     "markerlist": _rewrite_marker(f"[{layout.FORMAT_VERSION}]"),
