@@ -214,6 +214,16 @@ def read_ref_value(b: bytes) -> tuple[int, int]:
     return _REF.unpack_from(b)
 
 
+def with_count(ref: bytes, count: int) -> bytes:
+    """``ref`` with its count replaced (plain length and location kept)."""
+    return _REF.pack(count, _REF.unpack_from(ref)[1]) + ref[_REF.size :]
+
+
+def with_location(ref: bytes, at: bytes) -> bytes:
+    """``ref`` with its location part replaced by ``at`` (see :func:`packed_at`)."""
+    return ref[: _REF.size] + at
+
+
 def packed_at(pack: int, offset: int, kind: int) -> bytes:
     return _PACKED_AT.pack(pack, offset, kind)
 

@@ -83,9 +83,10 @@ def members_of(plain: bytes) -> list[tuple[int, int]]:
     return out
 
 
-def _groups(items: list[tuple[bytes, bytes, int]]) -> list[list[tuple[bytes, bytes, int]]]:
-    """(digest, plain, kind) ``items`` in order, cut into runs of about PACK_TARGET bytes."""
-    out: list[list[tuple[bytes, bytes, int]]] = [[]]
+def _groups(items: list[tuple[bytes, bytes, bytes]]) -> list[list[tuple[bytes, bytes, bytes]]]:
+    """(digest, plain, refs row) ``items`` in order, cut into runs of about PACK_TARGET
+    plain bytes."""
+    out: list[list[tuple[bytes, bytes, bytes]]] = [[]]
     size = 0
     for item in items:
         if size >= PACK_TARGET:
@@ -116,12 +117,12 @@ class Packer:
 
     def flush(self, tx: Tx) -> None:
         """Pack the transaction's pending chunks that are still referenced."""
-        items = []
+        items = []  # (digest, plain, refs row)
         for digest, data in tx.pending.items():
             ref = tx.get(b"refs", digest)
             at = layout.read_packed_at(ref) if ref is not None else None
             if at is not None and at[0] == 0:
-                items.append((digest, data, at[2]))
+                items.append((digest, data, ref))
         tx.pending = {}
         for group in _groups(items):
             pack = tx.get_u64(layout.META_NEXT_PACK) + 1
@@ -132,22 +133,21 @@ class Packer:
             tx.put(b"packs", key, value)
             live = sum(len(data) for _, data, _ in group)
             tx.put(b"packstat", key, layout.packstat_value(len(group), live, live, len(value)))
-            for (digest, _, kind), offset in zip(group, offsets, strict=True):
-                count, size = layout.read_ref_value(tx.get(b"refs", digest))
-                at = layout.packed_at(pack, offset, kind)
-                tx.put(b"refs", digest, layout.ref_value(count, size, at))
+            for (digest, _, ref), offset in zip(group, offsets, strict=True):
+                at = layout.packed_at(pack, offset, layout.read_packed_at(ref)[2])
+                tx.put(b"refs", digest, layout.with_location(ref, at))
             tx.add_u64(layout.STAT_STORED_BYTES, len(value))
             self._evict(pack)  # an id from an aborted commit may come again with other bytes
 
-    def forget(self, tx: Tx, at: tuple[int, int, int], length: int) -> None:
-        """A packed object lost its last reference (its refs row is gone already)."""
+    def forget(self, tx: Tx, digest: bytes, at: tuple[int, int, int], length: int) -> None:
+        """Packed object ``digest`` lost its last reference (its refs row is gone already)."""
         pack = at[0]
         if pack == 0:
             return  # still pending: flush skips it
         key = layout.u64(pack)
         row = tx.get(b"packstat", key)
         if row is None:
-            raise CorruptObject(layout.u64(pack), f"pack {pack} has no packstat row")
+            raise CorruptObject(digest, f"its pack {pack} has no packstat row")
         live, live_bytes, plain_bytes, stored = layout.read_packstat(row)
         live -= 1
         live_bytes -= length
@@ -170,7 +170,7 @@ class Packer:
             at = layout.read_packed_at(ref) if ref is not None else None
             if at is not None and at[:2] == (pack, offset):
                 tx.pending[digest] = data
-                tx.put(b"refs", digest, ref[:12] + layout.packed_at(0, 0, at[2]))
+                tx.put(b"refs", digest, layout.with_location(ref, layout.packed_at(0, 0, at[2])))
 
     # -- reading ----------------------------------------------------------------------------
 

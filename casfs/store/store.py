@@ -651,22 +651,20 @@ class Store:
         ref = tx.get(b"refs", digest)
         if ref is not None:
             count, size = layout.read_ref_value(ref)
-            tx.put(b"refs", digest, layout.ref_value(count + 1, size) + ref[12:])
+            tx.put(b"refs", digest, layout.with_count(ref, count + 1))
             tx.add_u64(layout.STAT_REFERENCED_BYTES, size)
             return False
-        if value is None:
-            if plain is None:
-                raise CorruptObject(digest, "referenced but not stored")
-            if packable(plain_len):
-                self.packer.add(tx, digest, plain, kind)
-                value = b""  # its share of a pack is counted when the pack is written
-            else:
+        if value is None and plain is None:
+            raise CorruptObject(digest, "referenced but not stored")
+        if value is None and packable(plain_len):
+            self.packer.add(tx, digest, plain, kind)  # stored bytes counted with its pack
+        else:
+            if value is None:
                 value = self.codec.encode(plain, kind)
-        if value:
             tx.put(b"objects", digest, value)
             tx.put(b"refs", digest, layout.ref_value(1, plain_len))
+            tx.add_u64(layout.STAT_STORED_BYTES, len(value))
         tx.add_u64(layout.STAT_OBJECTS, 1)
-        tx.add_u64(layout.STAT_STORED_BYTES, len(value))
         tx.add_u64(layout.STAT_PLAIN_BYTES, plain_len)
         tx.add_u64(layout.STAT_REFERENCED_BYTES, plain_len)
         return True
@@ -681,7 +679,7 @@ class Store:
         count, size = layout.read_ref_value(ref)
         tx.add_u64(layout.STAT_REFERENCED_BYTES, -size)
         if count > 1:
-            tx.put(b"refs", digest, layout.ref_value(count - 1, size) + ref[12:])
+            tx.put(b"refs", digest, layout.with_count(ref, count - 1))
             return None
         tx.delete(b"refs", digest)
         tx.add_u64(layout.STAT_OBJECTS, -1)
@@ -690,7 +688,7 @@ class Store:
         if at is not None:
             header = layout.object_header(at[2], layout.CODEC_RAW)
             plain = b"" if at[2] == layout.KIND_CHUNK else self.packer.read(tx, digest, at, size)
-            self.packer.forget(tx, at, size)
+            self.packer.forget(tx, digest, at, size)
             return header + plain
         value = tx.get(b"objects", digest)
         tx.delete(b"objects", digest)
