@@ -145,7 +145,7 @@ def test_corrupt_pack_names_the_chunk_and_fsck_finds_it(tmp_path):
         with cas.store.read() as tx:
             key, value = next(iter(tx.prefix(b"packs", b"")))
             key, value = bytes(key), bytearray(value)
-        value[len(value) // 2] ^= 0xFF
+        del value[-64:]  # a cut zstd frame never decodes
         cas.store.run_write(lambda tx: tx.put(b"packs", key, bytes(value)))
         cas.store.packer._evict(layout.read_u64(key))
         with pytest.raises(CorruptObject) as err:
