@@ -565,6 +565,47 @@ def test_large_sequential_writes_chunk_like_one_write(store, fs, step):
     assert_fsck_clean(store)
 
 
+def test_sequential_reader_sees_writes_between_its_reads(store, fs):
+    """Chunks decoded ahead of a sequential reader must never stand in for bytes written
+    since: overwrites, truncates and writes inside an open batch between its reads show in
+    the next read."""
+    rng = random.Random(7)
+    data = bytearray(rand(12 * MiB, seed=3))
+    f = mkfile(fs, ROOT_INO, b"f", bytes(data))
+    step = 256 * KiB
+
+    def write(at: int, patch: bytes) -> None:
+        fs.write(f, at, patch)
+        data.extend(bytes(max(0, at - len(data))))
+        data[at : at + len(patch)] = patch
+
+    offset = 0
+    while offset < len(data):
+        got = fs.read(f, offset, step)
+        assert got == bytes(data[offset : offset + step]), offset
+        offset += len(got) or step
+        if rng.random() < 0.3:  # change bytes just ahead of the reader, in its window
+            at = offset + rng.randrange(0, 3 * MiB)
+            write(at, rand(rng.randrange(1, 300 * KiB), seed=offset))
+        elif rng.random() < 0.1:  # the same inside a batch: read in the uncommitted tx
+            store.begin_batch()
+            try:
+                for _ in range(2):
+                    write(offset + rng.randrange(0, MiB), rand(64 * KiB, seed=-offset))
+                    got = fs.read(f, offset, step)
+                    assert got == bytes(data[offset : offset + step]), offset
+                    offset += len(got)
+            finally:
+                store.commit_batch()
+        elif rng.random() < 0.05:
+            size = offset + rng.randrange(0, 4 * MiB)
+            fs.setattr(f, size=size)
+            data[size:] = b""
+            data.extend(bytes(size - len(data)))
+    assert whole(fs, f) == bytes(data)
+    assert_fsck_clean(store)
+
+
 def test_large_overwrite_inside_a_file(store, fs):
     """A multi-MiB overwrite with old bytes on both sides (head and tail)."""
     data = bytearray(os.urandom(24 * MiB))
