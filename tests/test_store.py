@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import flip_byte, tmpfs
+from conftest import assert_fsck_clean, flip_byte, tmpfs
 
 from casfs.errors import CasfsError, CorruptObject, NoSpace, StoreError, StoreInUse
 from casfs.store import chunker, layout
@@ -329,6 +329,49 @@ def test_map_grows_inside_a_long_batch_without_losing_it(tmp_path, monkeypatch):
         for name, data in files.items():
             assert fs.read(fs.lookup(ROOT_INO, name).ino, 0, len(data) + 1) == data
         assert fsck(s).clean
+    finally:
+        fs.close()
+        s.close()
+
+
+def _mapped_kib(path: str) -> int:
+    """KiB of ``path``'s mapping(s) resident in this process (from /proc/self/smaps)."""
+    real = os.path.realpath(path)
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                inside = line.rstrip("\n").endswith(" " + real)
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
+def test_data_file_pages_are_unmapped_as_data_goes_through(tmp_path, monkeypatch):
+    """LMDB's map keeps every page read through it resident (RSS grows with the store); the
+    store unmaps them every UNMAP_EVERY_BYTES, and the data reads back the same after."""
+    monkeypatch.setattr(store_module, "UNMAP_EVERY_BYTES", 1 << 62)  # never, at first
+    s = new_store(tmp_path / "s")
+    fs = Filesystem(s)
+    data_file = str(tmp_path / "s" / "data.mdb")
+    try:
+        data = os.urandom(24 << 20)
+        ino = fs.create(ROOT_INO, b"f", 0o644, 0, 0).ino
+        fs.write(ino, 0, data)
+        fs.content.cache = type(fs.content.cache)(0)
+        assert fs.read(ino, 0, len(data)) == data
+        before = _mapped_kib(data_file)
+        assert before > 8 << 10, f"only {before} KiB mapped: the test reads nothing through it"
+
+        monkeypatch.setattr(store_module, "UNMAP_EVERY_BYTES", 4 << 20)
+        assert fs.read(ino, 0, len(data)) == data
+        assert _mapped_kib(data_file) < before // 2
+        data = os.urandom(24 << 20)
+        fs.write(ino, 0, data)  # and while writing
+        assert _mapped_kib(data_file) < before // 2
+        assert fs.read(ino, 0, len(data)) == data
+        assert_fsck_clean(s)
     finally:
         fs.close()
         s.close()
