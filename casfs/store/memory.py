@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 
 M_TRIM_THRESHOLD = -1
@@ -29,7 +30,9 @@ TRIM_THRESHOLD = 64 << 20
 _done = False
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
+    """glibc, found once (find_library runs ldconfig in a subprocess)."""
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 

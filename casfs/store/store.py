@@ -47,8 +47,8 @@ GROW_SLACK = 4 << 20  # room kept for LMDB's own pages (freelist, branch pages) 
 DEFAULT_ZSTD_LEVEL = 3
 # A commit that fails while the disk has less free space than this is reported as ENOSPC.
 NEARLY_FULL_BYTES = 64 << 20
-# After this many bytes committed or loaded, the data file's pages are unmapped from this
-# process (they stay cached): see memory.unmap_cached_pages.
+# After this many bytes committed, looked up or loaded, the data file's pages are unmapped
+# from this process (they stay cached): see memory.unmap_cached_pages.
 UNMAP_EVERY_BYTES = 16 << 20
 
 
@@ -297,7 +297,7 @@ class Store:
         self.packer = Packer(self.codec)
         self._reserve_held = False
         self._advancing = False
-        self._mapped_since = 0  # bytes committed or loaded since the map was last unmapped
+        self._mapped_since = 0  # bytes through the map since it was last unmapped
         if writer:
             self._hold_reserve()
 
