@@ -188,17 +188,23 @@ def _done(value: R) -> Future[R]:
 
 
 def _gather(futures: list[Future[list[R]]]) -> Future[list[R]]:
-    """One future for the concatenated results of ``futures`` (or the first exception)."""
+    """One future for the concatenated results of ``futures`` (or the first exception).
+
+    Each part keeps its callback, and the callback the parts, a reference cycle that only the
+    cyclic collector would free, long after: 85 MiB of compressed chunks were held so while
+    writing a large file. The callback lets go of the parts once it has their results."""
     out: Future[list[R]] = Future()
-    left = [len(futures)]
+    parts = list(futures)
+    left = [len(parts)]
 
     def one_done(_: Future) -> None:
         left[0] -= 1
         if left[0]:
             return
+        done, parts[:] = parts[:], []
         try:
             result: list[R] = []
-            for f in futures:
+            for f in done:
                 result.extend(f.result())
         except BaseException as exc:  # noqa: BLE001 - handed to the waiter
             out.set_exception(exc)
