@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import resource
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -50,27 +51,68 @@ def tune_malloc() -> None:
         pass
 
 
-def unmap_cached_pages(path: str) -> int:
-    """Drop this process's page mappings of ``path`` (LMDB's data file); returns the bytes of
-    address space advised.
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (one syscall)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    LMDB reads its B-tree through a read-only shared map, and each page fault maps the cached
-    pages around it too (fault-around, whole large folios), so every page near one ever read
-    stays mapped and counts in the process's RSS: writing 1.5 GiB left 706 MiB of the data
-    file mapped, and 8 MiB of duplicate data, only looked up, mapped 50 MiB. The pages stay
-    in the page cache (the map is read-only: nothing in it is dirty), so dropping the
-    mappings loses nothing; a later touch costs a minor fault."""
-    real = os.path.realpath(path)
-    advised = 0
-    try:
-        libc = _libc()
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                if not line.rstrip("\n").endswith(" " + real):
-                    continue
-                lo, hi = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+
+class MappedFile:
+    """Keeps this process's mappings of one file (LMDB's data file) out of its RSS.
+
+    LMDB reads its B-tree through a read-only shared map, and a page fault there maps the
+    whole large folio around the page (up to 2 MiB on Linux 6.18) and leaves it mapped: each
+    random key looked up while storing a chunk maps about a megabyte (an 8 MiB group of
+    chunks mapped 180 MiB), and every page ever read stays counted in the RSS. The pages are
+    clean page-cache pages (the map is read-only), so dropping the mappings
+    (``madvise(MADV_DONTNEED)``) loses nothing; a later touch costs a minor fault.
+
+    ``touched()`` is cheap (a getrusage) and is called wherever the store goes through the
+    map; it unmaps once the process has taken ``max_faults`` minor faults since the last
+    time, which bounds what stays mapped to about that many folios. The mapping's address is
+    found in /proc/self/maps once and checked through /proc/self/map_files before each use:
+    LMDB maps the file anew when the map grows, and advising a stale range would zero
+    whatever memory took its place. Only the thread that may grow the map calls this.
+    """
+
+    def __init__(self, path: str, max_faults: int = 32) -> None:
+        self.path = os.path.realpath(path)
+        self.max_faults = max_faults
+        self._ranges: list[tuple[int, int]] = []
+        self._faults = _minor_faults()
+
+    def touched(self) -> None:
+        if _minor_faults() - self._faults >= self.max_faults:
+            self.unmap()
+
+    def unmap(self) -> int:
+        """Drop every mapping of the file now; returns the bytes of address space advised."""
+        advised = 0
+        try:
+            if not self._ranges or not self._still_mapped():
+                self._ranges = self._find()
+            libc = _libc()
+            for lo, hi in self._ranges:
                 if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED) == 0:
                     advised += hi - lo
-    except (OSError, AttributeError):  # no /proc or not glibc: RSS just stays higher
-        pass
-    return advised
+        except (OSError, AttributeError):  # no /proc or not glibc: RSS just stays higher
+            self._ranges = []
+        self._faults = _minor_faults()
+        return advised
+
+    def _still_mapped(self) -> bool:
+        try:
+            return all(
+                os.readlink(f"/proc/self/map_files/{lo:x}-{hi:x}") == self.path
+                for lo, hi in self._ranges
+            )
+        except OSError:
+            return False
+
+    def _find(self) -> list[tuple[int, int]]:
+        ranges = []
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                if line.rstrip("\n").endswith(" " + self.path):
+                    lo, hi = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
+                    ranges.append((lo, hi))
+        return ranges

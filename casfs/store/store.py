@@ -34,7 +34,7 @@ from casfs.store import layout
 from casfs.store.chunker import DEFAULT_AVG, ChunkParams, require_compiled_chunker
 from casfs.store.codec import Codec
 from casfs.store.lock import WriterLock
-from casfs.store.memory import tune_malloc, unmap_cached_pages
+from casfs.store.memory import MappedFile, tune_malloc
 from casfs.store.packs import Packer, packable
 
 T = TypeVar("T")
@@ -47,9 +47,9 @@ GROW_SLACK = 4 << 20  # room kept for LMDB's own pages (freelist, branch pages) 
 DEFAULT_ZSTD_LEVEL = 3
 # A commit that fails while the disk has less free space than this is reported as ENOSPC.
 NEARLY_FULL_BYTES = 64 << 20
-# After this many bytes committed, looked up or loaded, the data file's pages are unmapped
-# from this process (they stay cached): see memory.unmap_cached_pages.
-UNMAP_EVERY_BYTES = 16 << 20
+# After this many minor faults, the data file's pages are unmapped from this process (they
+# stay cached): each maps up to a 2 MiB folio of it, see memory.MappedFile.
+UNMAP_AFTER_FAULTS = 32
 
 
 @dataclass(frozen=True)
@@ -297,7 +297,7 @@ class Store:
         self.packer = Packer(self.codec)
         self._reserve_held = False
         self._advancing = False
-        self._mapped_since = 0  # bytes through the map since it was last unmapped
+        self.mapped = MappedFile(data_file, UNMAP_AFTER_FAULTS)
         if writer:
             self._hold_reserve()
 
@@ -469,7 +469,7 @@ class Store:
                 tx.commit()
                 if self._batch is None:
                     self.sync()  # a transaction of its own is durable when run_write returns
-                    self.touched(tx.written)
+                    self.mapped.touched()
             except lmdb.MapFullError:
                 self._grow(force=True)
                 continue
@@ -512,7 +512,7 @@ class Store:
             batch.commit()
             if durable:
                 self.sync()
-            self.touched(batch.written)
+            self.mapped.touched()
             if _disk_nearly_full(self.path):
                 self.advance()  # what this batch freed is then usable by the next one
         except lmdb.Error as exc:
@@ -623,15 +623,6 @@ class Store:
             return False
         return True
 
-    def touched(self, nbytes: int) -> None:
-        """Count bytes that went through the data file's map (committed, loaded, or file data
-        whose chunks were looked up); unmap its pages every UNMAP_EVERY_BYTES. Safe inside a
-        transaction: its pointers into the map stay valid (a touch faults the page back)."""
-        self._mapped_since += nbytes
-        if self._mapped_since >= UNMAP_EVERY_BYTES:
-            self._mapped_since = 0
-            unmap_cached_pages(os.path.join(self.path, "data.mdb"))
-
     def sync(self) -> None:
         """Flush the data file, meta page included, to disk. The environment is opened with
         ``metasync=False``: each commit flushes its data pages, and the meta page only when
@@ -645,6 +636,7 @@ class Store:
     # -- objects and refcounts --------------------------------------------------------------
 
     def has_object(self, tx: Tx, digest: bytes) -> bool:
+        self.mapped.touched()  # a random key: a page of the map each (see MappedFile)
         return tx.get(b"refs", digest) is not None
 
     def add_ref(
@@ -663,6 +655,7 @@ class Store:
         neither, the caller knows the object exists; a missing one then raises (it would be a
         dangling reference).
         """
+        self.mapped.touched()  # a random key: a page of the map each (see MappedFile)
         ref = tx.get(b"refs", digest)
         if ref is not None:
             count, size = layout.read_ref_value(ref)
@@ -713,9 +706,9 @@ class Store:
     def load_value(self, tx: Tx, digest: bytes) -> bytes:
         """The stored (still encoded) value of an object; decode it with ``self.codec``,
         in a worker thread if it is large. A packed chunk comes as a raw value."""
+        self.mapped.touched()
         value = tx.get(b"objects", digest)
         if value is not None:
-            self.touched(len(value))
             return value
         ref = tx.get(b"refs", digest)
         at = layout.read_packed_at(ref) if ref is not None else None

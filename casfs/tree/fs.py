@@ -549,7 +549,6 @@ class Filesystem:
                 lambda tx: self._apply_group(tx, w, group, pieces, values, mtime_ns)
             )
             self.store.batch_bytes += group.end - group.start  # once, even if run_write retried
-            self.store.touched(group.end - group.start)
 
         return writer.steps(w, self.store.read, apply_group)
 
