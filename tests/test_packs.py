@@ -13,6 +13,7 @@ from casfs.errors import CorruptObject
 from casfs.store import layout
 from casfs.store.codec import digest_of
 from casfs.store.packs import PACK_OBJECT_MAX, PACK_TARGET, members_of
+from casfs.store.pipeline import Pipeline
 from casfs.tree.fs import Filesystem
 from casfs.tree.fsck import fsck
 
@@ -182,3 +183,79 @@ def test_deleting_snapshots_frees_packed_trees_and_chunks(tmp_path):
         st = cas.store.stats()
         assert (st.objects, st.stored_bytes) == (0, 0)
         assert rows(cas.store, b"packs") == {}
+
+
+def assert_packstat_matches_refs(store) -> None:
+    """Every pack's live count and bytes are those of the refs rows that point into it."""
+    live: dict[int, list[int]] = {}
+    with store.read() as tx:
+        for digest, ref in rows(store, b"refs").items():
+            at = layout.read_packed_at(ref)
+            if at is not None:
+                assert at[0] != 0, "a chunk was left pending"
+                n = live.setdefault(at[0], [0, 0])
+                n[0] += 1
+                n[1] += len(store.load(tx, digest))
+    packstat = rows(store, b"packstat").items()
+    stats = {layout.read_u64(k): layout.read_packstat(v)[:2] for k, v in packstat}
+    assert stats == {k: tuple(v) for k, v in live.items()}
+
+
+def _batch_of_small_chunks(store, chunks: list[bytes]) -> list[bytes]:
+    """Add ``chunks`` one operation each inside a batch, as the mount does; returns digests."""
+    digests = [digest_of(c) for c in chunks]
+    for d, c in zip(digests, chunks, strict=True):
+        store.run_write(lambda tx, d=d, c=c: store.add_ref(tx, d, None, len(c), c))
+    return digests
+
+
+def test_packs_compress_in_the_pool_before_the_commit_and_come_out_the_same(tmp_path):
+    rng = random.Random(5)
+    chunks = [text(rng, rng.randrange(100, 8000)) + os.urandom(4) for _ in range(200)]
+    results = []
+    for pooled in (False, True):
+        store = Filesystem.create_store(str(tmp_path / f"s{pooled}"))
+        pipeline = Pipeline(store) if pooled else None
+        try:
+            assert (store.packer.submit is not None) == pooled
+            store.begin_batch()
+            digests = _batch_of_small_chunks(store, chunks)
+            sealed = len(store._batch.sealed)
+            store.commit_batch()
+            assert (sealed >= len(rows(store, b"packs")) - 1) if pooled else sealed == 0
+            with store.read() as tx:
+                assert [store.load(tx, d) for d in digests] == chunks
+            assert store.stats().stored_bytes == stored_value_bytes(store)
+            assert_packstat_matches_refs(store)
+            results.append((rows(store, b"packs"), rows(store, b"refs")))
+        finally:
+            if pipeline is not None:
+                pipeline.close()
+            assert store.packer.submit is None
+            store.close()
+    assert results[0] == results[1]  # the same packs, whichever thread compressed them
+
+
+def test_a_chunk_freed_and_added_again_in_one_batch_is_packed_once(tmp_path):
+    store = Filesystem.create_store(str(tmp_path / "s"))
+    pipeline = Pipeline(store)
+    try:
+        rng = random.Random(6)
+        chunks = [text(rng, 6000) + os.urandom(4) for _ in range(60)]
+        store.begin_batch()
+        digests = _batch_of_small_chunks(store, chunks[:40])
+        assert store._batch.sealed, "no run went to the pool"
+        for i in (3, 39):  # in a run already compressing, and in the run still filling
+            store.run_write(lambda tx, d=digests[i]: store.drop_ref(tx, d))
+            _batch_of_small_chunks(store, [chunks[i]])
+        _batch_of_small_chunks(store, chunks[40:])
+        store.commit_batch()
+        with store.read() as tx:
+            assert [store.load(tx, d) for d in digests] == chunks[:40]
+        members = sum(layout.read_packstat(v)[0] for v in rows(store, b"packstat").values())
+        assert members == 60
+        assert store.stats().stored_bytes == stored_value_bytes(store)
+        assert_packstat_matches_refs(store)
+    finally:
+        pipeline.close()
+        store.close()

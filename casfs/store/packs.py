@@ -17,7 +17,10 @@ Life of a packed object (a small chunk, tree object or manifest; "chunk" below):
 2. ``flush`` (at the outermost commit): the pending chunks still referenced are packed in
    order of arrival, so the files of one directory share packs, each pack compressed
    once; their ``refs`` rows get the real location. A transaction that aborts loses its
-   pending map together with its rows, so no pack is ever missing.
+   pending map together with its rows, so no pack is ever missing. When the store has a
+   thread pool (``submit``), each PACK_TARGET of chunks reaching the outermost transaction
+   is compressed there at once, and the commit only puts it: compressing at commit held
+   up the mount's request thread (a third of each commit while writing a large file).
 3. ``forget`` (its last reference went): the pack's ``packstat`` row counts one member less.
    An empty pack is deleted; once less than half of a pack's bytes are live, its live members
    go back to ``pending`` (packed anew at commit) and the pack is deleted, so dead bytes never
@@ -31,6 +34,8 @@ from __future__ import annotations
 import struct
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
 import zstandard
@@ -83,17 +88,17 @@ def members_of(plain: bytes) -> list[tuple[int, int]]:
     return out
 
 
-def _groups(items: list[tuple[bytes, bytes, bytes]]) -> list[list[tuple[bytes, bytes, bytes]]]:
-    """(digest, plain, refs row) ``items`` in order, cut into runs of about PACK_TARGET
+def _runs(items: list[tuple[bytes, bytes]]) -> list[list[bytes]]:
+    """Digests of (digest, plain) ``items`` in order, cut into runs of about PACK_TARGET
     plain bytes."""
-    out: list[list[tuple[bytes, bytes, bytes]]] = [[]]
+    out: list[list[bytes]] = [[]]
     size = 0
-    for item in items:
+    for digest, plain in items:
         if size >= PACK_TARGET:
             out.append([])
             size = 0
-        out[-1].append(item)
-        size += len(item[1])
+        out[-1].append(digest)
+        size += len(plain)
     return out if out[0] else []
 
 
@@ -105,6 +110,9 @@ class Packer:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cached = 0
         self._lock = threading.Lock()
+        # Runs a function in a thread pool (a Pipeline's, while one is open), returning a
+        # Future; None: packs are compressed at commit.
+        self.submit: Callable[..., Future] | None = None
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -114,21 +122,55 @@ class Packer:
         tx.pending[digest] = data
         tx.put(b"refs", digest, layout.ref_value(1, len(data), layout.packed_at(0, 0, kind)))
         tx.written += len(data)  # what its pack will put at commit
+        if tx.parent is None:
+            self.arrived(tx, [(digest, data)])
+
+    def arrived(self, tx: Tx, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """(digest, plain) pending chunks reached the outermost transaction ``tx``: compress
+        each full run of them in the pool now (flush takes the result if the run is intact)."""
+        if self.submit is None:
+            return
+        for digest, data in items:
+            tx.unsealed.append(digest)
+            tx.unsealed_bytes += len(data)
+            if tx.unsealed_bytes >= PACK_TARGET:
+                run, tx.unsealed, tx.unsealed_bytes = tx.unsealed, [], 0
+                try:
+                    future = self.submit(self._encode, [tx.pending[d] for d in run])
+                except RuntimeError:  # the pool was shut down: compress at commit
+                    continue
+                tx.sealed.append((run, future))
+
+    def _encode(self, members: list[bytes]) -> tuple[bytes, list[int]]:
+        """A pack's stored value and its members' offsets (any thread)."""
+        plain, offsets = encode_members(members)
+        return self.codec.encode(plain, layout.KIND_PACK), offsets
 
     def flush(self, tx: Tx) -> None:
-        """Pack the transaction's pending chunks that are still referenced."""
-        items = []  # (digest, plain, refs row)
-        for digest, data in tx.pending.items():
-            ref = tx.get(b"refs", digest)
-            at = layout.read_packed_at(ref) if ref is not None else None
-            if at is not None and at[0] == 0:
-                items.append((digest, data, ref))
-        tx.pending = {}
-        for group in _groups(items):
+        """Pack the transaction's pending chunks that are still referenced: the runs already
+        compressing in the pool (redone here if a member lost its reference meanwhile), then
+        the rest, in order of arrival."""
+        runs: list[tuple[list[bytes], Future | None]] = list(tx.sealed)
+        covered = {d for run, _ in runs for d in run}
+        rest = [(d, data) for d, data in tx.pending.items() if d not in covered]
+        runs += [(run, None) for run in _runs(rest)]
+        taken: set[bytes] = set()  # a chunk freed and added again sits in two runs
+        for run, future in runs:
+            group = []  # (digest, plain, refs row) of the members still to be packed
+            for digest in run:
+                ref = tx.get(b"refs", digest)
+                at = layout.read_packed_at(ref) if ref is not None else None
+                if at is not None and at[0] == 0 and digest not in taken:
+                    taken.add(digest)
+                    group.append((digest, tx.pending[digest], ref))
+            if not group:
+                continue
+            if future is not None and len(group) == len(run):
+                value, offsets = future.result()
+            else:
+                value, offsets = self._encode([data for _, data, _ in group])
             pack = tx.get_u64(layout.META_NEXT_PACK) + 1
             tx.add_u64(layout.META_NEXT_PACK, 1)
-            plain, offsets = encode_members([data for _, data, _ in group])
-            value = self.codec.encode(plain, layout.KIND_PACK)
             key = layout.u64(pack)
             tx.put(b"packs", key, value)
             live = sum(len(data) for _, data, _ in group)
@@ -138,6 +180,7 @@ class Packer:
                 tx.put(b"refs", digest, layout.with_location(ref, at))
             tx.add_u64(layout.STAT_STORED_BYTES, len(value))
             self._evict(pack)  # an id from an aborted commit may come again with other bytes
+        tx.pending, tx.sealed, tx.unsealed, tx.unsealed_bytes = {}, [], [], 0
 
     def forget(self, tx: Tx, digest: bytes, at: tuple[int, int, int], length: int) -> None:
         """Packed object ``digest`` lost its last reference (its refs row is gone already)."""

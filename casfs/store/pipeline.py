@@ -68,9 +68,15 @@ class Pipeline:
         self.chunker = Chunker(store.params)
         self.workers = workers or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="casfs-codec")
+        # The store's packs compress in this pool while it is open (the first pipeline's).
+        self._packs = store.packer.submit is None
+        if self._packs:
+            store.packer.submit = self._pool.submit
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._packs:
+            self.store.packer.submit = None
+        self._pool.shutdown(wait=True)  # packs already submitted are finished first
 
     def _shares(self, items: Sequence[T], weight: int) -> list[Sequence[T]]:
         """``items`` cut into one share per core, or one share when the work (``weight``

@@ -23,6 +23,7 @@ import os
 import threading
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -78,7 +79,19 @@ class Tx:
     LMDB calls each. A child transaction hands its deltas to its parent when it commits and
     drops them when it aborts, like its other changes."""
 
-    __slots__ = ("txn", "dbs", "write", "parent", "deltas", "written", "pending", "packer")
+    __slots__ = (
+        "txn",
+        "dbs",
+        "write",
+        "parent",
+        "deltas",
+        "written",
+        "pending",
+        "packer",
+        "sealed",
+        "unsealed",
+        "unsealed_bytes",
+    )
 
     def __init__(
         self,
@@ -96,6 +109,11 @@ class Tx:
         self.deltas: dict[bytes, int] = {}
         self.written = 0  # bytes put (keys and values): what the commit will need in the map
         self.pending: dict[bytes, bytes] = {}  # new small chunks, packed at the outer commit
+        # Of an outermost one: runs of pending digests compressing in the pool, and those
+        # not yet in a run (see packs.Packer.arrived).
+        self.sealed: list[tuple[list[bytes], Future]] = []
+        self.unsealed: list[bytes] = []
+        self.unsealed_bytes = 0
 
     def get(self, db: bytes, key: bytes) -> bytes | None:
         return self.txn.get(key, db=self.dbs[db])
@@ -131,6 +149,8 @@ class Tx:
                 self.parent.deltas[key] = self.parent.deltas.get(key, 0) + d
             self.parent.written += self.written
             self.parent.pending.update(self.pending)
+            if self.pending and self.parent.parent is None and self.packer is not None:
+                self.packer.arrived(self.parent, self.pending.items())
         else:
             try:
                 if self.pending and self.packer is not None:
