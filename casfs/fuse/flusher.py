@@ -192,7 +192,7 @@ class Flusher:
         self.flushing[ino] = dirty
         try:
             for start in sorted(dirty.ranges):
-                data = dirty.ranges[start]
+                data = dirty.ranges[start].view()
                 self._ensure_room(len(data))
                 for future in self.fs.write_steps(ino, start, data, dirty.mtime_ns):
                     await wait_future(future)
@@ -205,6 +205,7 @@ class Flusher:
                 log.error("flushing inode %d failed: %s", ino, exc)
         finally:
             del self.flushing[ino]
+            self.buffers.pool.give_back(list(dirty.ranges.values()))
         if self._batch_bytes >= COMMIT_BYTES:
             self.commit()
 
@@ -226,7 +227,9 @@ class Flusher:
 
     def drop(self, ino: int) -> None:
         """Forget a file's buffered writes (it was deleted)."""
-        self.buffers.take(ino)
+        dirty = self.buffers.take(ino)
+        if dirty is not None:
+            self.buffers.pool.give_back(list(dirty.ranges.values()))
         self.errors.pop(ino, None)
 
     def take_error(self, ino: int) -> int | None:
@@ -272,6 +275,7 @@ class Flusher:
             await trio.sleep(FLUSH_AGE / 2)
             for ino in self.buffers.older_than(FLUSH_AGE):
                 await self.flush(ino)
+            self.buffers.pool.trim()
             if time.monotonic() - self._last_commit >= COMMIT_INTERVAL:
                 try:
                     self.commit()
