@@ -109,16 +109,18 @@ class ControlServer:
             await stream.aclose()
 
     async def _handle(self, conn: trio.socket.SocketType, stream: trio.SocketStream) -> dict:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        _, uid, _ = _UCRED.unpack(creds)
-        if uid not in (0, os.getuid()):
-            return {"ok": False, "error": "permission denied", "errno": errno.EACCES}
         data = b""
         while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
             more = await stream.receive_some(MAX_REQUEST)
             if not more:
                 break
             data += more
+        # Checked once the request is read: answering and closing before the client has sent
+        # it would hand the client EPIPE instead of the answer.
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        _, uid, _ = _UCRED.unpack(creds)
+        if uid not in (0, os.getuid()):
+            return {"ok": False, "error": "permission denied", "errno": errno.EACCES}
         try:
             request = json.loads(data)
             op = request["op"]
