@@ -205,7 +205,7 @@ class Flusher:
                 log.error("flushing inode %d failed: %s", ino, exc)
         finally:
             del self.flushing[ino]
-            self.buffers.pool.give_back(list(dirty.ranges.values()))
+            self.buffers.pool.give_back(dirty.ranges.values())
         if self._batch_bytes >= COMMIT_BYTES:
             self.commit()
 
@@ -229,7 +229,7 @@ class Flusher:
         """Forget a file's buffered writes (it was deleted)."""
         dirty = self.buffers.take(ino)
         if dirty is not None:
-            self.buffers.pool.give_back(list(dirty.ranges.values()))
+            self.buffers.pool.give_back(dirty.ranges.values())
         self.errors.pop(ino, None)
 
     def take_error(self, ino: int) -> int | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import mmap
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 MAX_RANGES = 64
@@ -81,7 +82,7 @@ class BufferPool:
                 pass
         return mem
 
-    def give_back(self, ranges: list[Range]) -> None:
+    def give_back(self, ranges: Iterable[Range]) -> None:
         """Ranges whose bytes are stored (or dropped): their buffers may be reused. Nothing
         may read a range after this."""
         for r in ranges:
