@@ -317,6 +317,7 @@ class Store:
         self.packer = Packer(self.codec)
         self._reserve_held = False
         self._advancing = False
+        self._freed_unusable = False  # a commit since the last advance (see close)
         self.mapped = MappedFile(data_file, UNMAP_AFTER_FAULTS)
         if writer:
             self._hold_reserve()
@@ -416,6 +417,12 @@ class Store:
         if self._batch is not None:
             self.commit_batch()
         env = getattr(self, "env", None)
+        if env is not None and getattr(self, "_freed_unusable", False):
+            # What this process's last commit freed is reusable only from the second commit
+            # after it: without one more, the next writer (tonight's import, the next mount)
+            # cannot reuse it and grows the file by as much (a refs table's worth per import,
+            # 5.3 % of nine Django releases' store).
+            self.advance()
         if env is not None:
             env.close()
             self.env = None
@@ -487,6 +494,7 @@ class Store:
             self._stack.pop()
             try:
                 tx.commit()
+                self._freed_unusable = not self._advancing
                 if self._batch is None:
                     self.sync()  # a transaction of its own is durable when run_write returns
                     self.mapped.touched()
@@ -530,6 +538,7 @@ class Store:
         self._stack.clear()
         try:
             batch.commit()
+            self._freed_unusable = True
             if durable:
                 self.sync()
             self.mapped.touched()
