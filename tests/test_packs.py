@@ -241,7 +241,8 @@ def test_a_chunk_freed_and_added_again_in_one_batch_is_packed_once(tmp_path):
     pipeline = Pipeline(store)
     try:
         rng = random.Random(6)
-        chunks = [text(rng, 6000) + os.urandom(4) for _ in range(60)]
+        size = PACK_TARGET * 3 // 64  # 40 chunks: one run sealed, the next still filling
+        chunks = [text(rng, size) + os.urandom(4) for _ in range(60)]
         store.begin_batch()
         digests = _batch_of_small_chunks(store, chunks[:40])
         assert store._batch.sealed, "no run went to the pool"
