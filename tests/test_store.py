@@ -408,9 +408,9 @@ def test_unmapping_follows_the_map_when_it_grows(tmp_path):
 
 def test_data_file_pages_are_unmapped_as_data_goes_through(tmp_path, monkeypatch):
     """LMDB's map keeps every page read through it resident (RSS grows with the store); the
-    store unmaps them every UNMAP_AFTER_FAULTS page faults, and the data reads back the same
+    store unmaps them once MAPPED_BYTES_MAX more are mapped, and the data reads back the same
     after."""
-    monkeypatch.setattr(store_module, "UNMAP_AFTER_FAULTS", 1 << 62)  # never, at first
+    monkeypatch.setattr(store_module, "MAPPED_BYTES_MAX", 1 << 62)  # never, at first
     s = new_store(tmp_path / "s")
     fs = Filesystem(s)
     data_file = str(tmp_path / "s" / "data.mdb")
@@ -423,7 +423,7 @@ def test_data_file_pages_are_unmapped_as_data_goes_through(tmp_path, monkeypatch
         before = _mapped_kib(data_file)
         assert before > 8 << 10, f"only {before} KiB mapped: the test reads nothing through it"
 
-        s.mapped.max_faults = 8
+        s.mapped.max_faults, s.mapped.max_mapped = 4, 1 << 20
         assert fs.read(ino, 0, len(data)) == data
         assert _mapped_kib(data_file) < before // 2
         data = os.urandom(24 << 20)

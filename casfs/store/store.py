@@ -48,9 +48,11 @@ GROW_SLACK = 4 << 20  # room kept for LMDB's own pages (freelist, branch pages) 
 DEFAULT_ZSTD_LEVEL = 3
 # A commit that fails while the disk has less free space than this is reported as ENOSPC.
 NEARLY_FULL_BYTES = 64 << 20
-# After this many minor faults, the data file's pages are unmapped from this process (they
-# stay cached): each maps up to a 2 MiB folio of it, see memory.MappedFile.
-UNMAP_AFTER_FAULTS = 32
+# The data file's pages are unmapped from this process (they stay cached) once it has mapped
+# this many more file bytes, looked at every UNMAP_CHECK_FAULTS minor faults (each maps up to
+# a 2 MiB folio of the file): see memory.MappedFile.
+MAPPED_BYTES_MAX = 32 << 20
+UNMAP_CHECK_FAULTS = 16
 
 
 @dataclass(frozen=True)
@@ -318,7 +320,7 @@ class Store:
         self._reserve_held = False
         self._advancing = False
         self._freed_unusable = False  # a commit since the last advance (see close)
-        self.mapped = MappedFile(data_file, UNMAP_AFTER_FAULTS)
+        self.mapped = MappedFile(data_file, UNMAP_CHECK_FAULTS, MAPPED_BYTES_MAX)
         if writer:
             self._hold_reserve()
 
