@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import threading
 import uuid as uuidlib
@@ -39,6 +40,7 @@ from casfs.store.memory import MappedFile, tune_malloc
 from casfs.store.packs import Packer, packable
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 INITIAL_MAP_SIZE = 1 << 30
 # Grow the map before a write transaction once the data file uses more than this share of it,
@@ -319,7 +321,7 @@ class Store:
         self.packer = Packer(self.codec)
         self._reserve_held = False
         self._advancing = False
-        self._freed_unusable = False  # a commit since the last advance (see close)
+        self._quiet_txnid = self.env.info()["last_txnid"]  # nothing to advance past (close)
         self.mapped = MappedFile(data_file, UNMAP_CHECK_FAULTS, MAPPED_BYTES_MAX)
         if writer:
             self._hold_reserve()
@@ -419,12 +421,16 @@ class Store:
         if self._batch is not None:
             self.commit_batch()
         env = getattr(self, "env", None)
-        if env is not None and getattr(self, "_freed_unusable", False):
+        quiet = getattr(self, "_quiet_txnid", None)  # None: not opened all the way
+        if env is not None and self.writer and quiet not in (None, env.info()["last_txnid"]):
             # What this process's last commit freed is reusable only from the second commit
             # after it: without one more, the next writer (tonight's import, the next mount)
             # cannot reuse it and grows the file by as much (a refs table's worth per import,
-            # 5.3 % of nine Django releases' store).
-            self.advance()
+            # 5.3 % of nine Django releases' store). A store that only read is left as it was.
+            try:
+                self.advance()
+            except CasfsError as exc:  # the commits before are safe; only the reuse waits
+                log.warning("store %s: could not commit once more at close: %s", self.path, exc)
         if env is not None:
             env.close()
             self.env = None
@@ -496,7 +502,6 @@ class Store:
             self._stack.pop()
             try:
                 tx.commit()
-                self._freed_unusable = not self._advancing
                 if self._batch is None:
                     self.sync()  # a transaction of its own is durable when run_write returns
                     self.mapped.touched()
@@ -540,7 +545,6 @@ class Store:
         self._stack.clear()
         try:
             batch.commit()
-            self._freed_unusable = True
             if durable:
                 self.sync()
             self.mapped.touched()
@@ -605,6 +609,7 @@ class Store:
         self._advancing = True
         try:
             self.run_write(lambda tx: tx.add_u64(layout.META_COMMITS, 1))
+            self._quiet_txnid = self.env.info()["last_txnid"]
             return True
         except NoSpace:
             return False
