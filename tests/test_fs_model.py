@@ -857,3 +857,25 @@ def test_free_orphans_spares_held(store, held_fs):
     held.clear()
     assert fs.free_orphans() == 1
     assert_fsck_clean(store)
+
+
+def test_inodes_without_xattrs_are_known_without_the_store(store, fs):
+    """The kernel asks for security.capability before every write(); the mount answers from
+    memory for inodes known to have no xattrs, and forgets that at any xattr change or abort."""
+    ino = fs.create(ROOT_INO, b"f", 0o644, UID, GID).ino
+    store.begin_batch()  # as in the mount: what is learned is the batch's state
+    try:
+        assert fs.xattr(ino, b"security.capability") is None
+        assert fs.known_xattrless(ino)
+        fs.setxattr(ino, b"user.a", b"1")
+        assert not fs.known_xattrless(ino)
+        assert fs.xattr(ino, b"security.capability") is None  # has user.a: not learned
+        assert not fs.known_xattrless(ino)
+        fs.removexattr(ino, b"user.a")
+        assert fs.xattr(ino, b"security.capability") is None
+        assert fs.known_xattrless(ino)
+        with pytest.raises(FsError):  # an operation that fails aborts its transaction
+            fs.setxattr(ino, b"user.b", b"2", XATTR_REPLACE)
+        assert not fs.known_xattrless(ino)
+    finally:
+        store.commit_batch()

@@ -8,8 +8,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import weakref
 
+import lmdb
 import pytest
 from conftest import assert_fsck_clean, flip_byte, tmpfs
 
@@ -167,6 +169,92 @@ def test_the_next_writer_reuses_what_the_last_one_freed(tmp_path):
     session(lambda tx, k: tx.delete(b"treecache", k))
     again = session(lambda tx, k: tx.put(b"treecache", k, os.urandom(16000)))
     assert again - written < 256 * 16000 // 20  # a few B-tree pages, not the 4 MB again
+
+
+def _within(seconds: float, fn) -> None:
+    """Run ``fn`` in a thread; fail (instead of hanging) if LMDB's write lock never comes."""
+    done = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            done.append(fn())
+        except BaseException as exc:
+            failed.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    if failed:
+        raise failed[0]
+    assert done, "blocked: the write lock was not given back"
+
+
+def test_the_commit_thread_commits_while_the_owner_goes_on(tmp_path):
+    path = tmp_path / "s"
+
+    def commit_in_the_background() -> None:
+        s = new_store(path)
+        s.use_commit_thread()
+        s.begin_batch()
+        s.run_write(lambda tx: tx.put(b"treecache", b"k1", b"one"))
+        s.commit_batch_async()
+        assert s.committing and s.in_batch and s.batch_written == 0
+        with s.read() as tx:  # waits for the commit, then reads the next batch
+            assert tx.get(b"treecache", b"k1") == b"one"
+            assert tx.write
+        assert not s.committing
+        s.run_write(lambda tx: tx.put(b"treecache", b"k2", b"two"))
+        s.commit_batch_async()
+        s.run_write(lambda tx: tx.put(b"treecache", b"k3", b"three"))  # waits too
+        s.close()  # commits the open batch and gives LMDB's write lock back on its thread
+
+    def reopen_and_write() -> None:
+        with Store(str(path)) as again:
+            again.run_write(lambda tx: tx.put(b"treecache", b"k4", b"four"))
+            with again.read() as tx:
+                assert [tx.get(b"treecache", k) for k in (b"k1", b"k2", b"k3", b"k4")] == [
+                    b"one", b"two", b"three", b"four"]  # fmt: skip
+
+    _within(20, commit_in_the_background)
+    _within(20, reopen_and_write)
+
+
+class _FailingCommit:
+    """A write transaction whose commit fails (as on a dying disk); the rest is the real one."""
+
+    def __init__(self, txn) -> None:
+        self.real = txn
+
+    def commit(self) -> None:
+        raise lmdb.DiskError("injected")
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
+def test_a_failed_background_commit_is_raised_once_and_the_store_goes_on(tmp_path):
+    path = tmp_path / "s"
+    s = new_store(path)
+    s.use_commit_thread()
+    s.begin_batch()
+    s.run_write(lambda tx: tx.put(b"treecache", b"lost", b"x"))
+    s._batch.txn = _FailingCommit(s._batch.txn)
+    aborts = s.aborts
+    s.commit_batch_async()
+    with pytest.raises(CasfsError):
+        s.settle()
+    assert s.aborts > aborts and s.in_batch and not s.committing
+    with s.read() as tx:
+        assert tx.get(b"treecache", b"lost") is None  # the batch is gone, as a failed commit's
+    s.run_write(lambda tx: tx.put(b"treecache", b"kept", b"y"))
+    s.close()
+
+    def reopen() -> None:
+        with Store(str(path)) as again, again.read() as tx:
+            assert tx.get(b"treecache", b"kept") == b"y"
+
+    _within(20, reopen)
 
 
 def test_failed_write_changes_nothing(tmp_path):

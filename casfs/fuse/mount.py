@@ -65,6 +65,7 @@ def serve(
         log.info("mounted %s at %s", store.path, mountpoint)
         unmount = True
         try:
+            store.use_commit_thread()
             store.begin_batch()
             if ready:
                 ready()

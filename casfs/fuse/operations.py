@@ -540,6 +540,8 @@ class CasfsOperations(pyfuse3.Operations):
             return await self._content_digest(inode)
         if is_snapshot_ino(inode):
             value = dict(self._snapshot_xattrs(inode)).get(name)
+        elif self.fs.known_xattrless(inode):
+            value = None
         else:
             value = self.fs.xattr(inode, name)
         if value is None:

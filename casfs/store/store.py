@@ -24,7 +24,7 @@ import os
 import threading
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -303,6 +303,12 @@ class Store:
         self._owner = threading.get_ident()
         self._stack: list[Tx] = []
         self._batch: Tx | None = None
+        # The commit thread (use_commit_thread): begins and commits the batch, so that the
+        # owner thread may go on with work that does not touch the store meanwhile.
+        self._committer: ThreadPoolExecutor | None = None
+        self._committing: Future | None = None  # commit_batch_async's, until settled
+        # Transactions aborted so far: what callers cached from the store may be undone
+        self.aborts = 0
         self.batch_bytes = 0  # file data applied in the open batch (callers count it)
         self.packer: Packer | None = None  # set once the codec is known
         with self.read() as tx:
@@ -418,6 +424,8 @@ class Store:
             self._lock.release()
 
     def close(self) -> None:
+        if getattr(self, "_committing", None) is not None:
+            self.settle()
         if self._batch is not None:
             self.commit_batch()
         env = getattr(self, "env", None)
@@ -434,6 +442,9 @@ class Store:
         if env is not None:
             env.close()
             self.env = None
+        if getattr(self, "_committer", None) is not None:
+            self._committer.shutdown()
+            self._committer = None
         self._release_lock()
 
     def __enter__(self) -> Store:
@@ -457,9 +468,12 @@ class Store:
     def read(self) -> Iterator[Tx]:
         """A transaction to read in: the open write transaction when this thread has one (so
         the writer sees its own uncommitted changes), else a fresh read-only snapshot."""
-        if self._stack and threading.get_ident() == self._owner:
-            yield self._stack[-1]
-            return
+        if threading.get_ident() == self._owner:
+            if self._committing is not None:
+                self.settle()
+            if self._stack:
+                yield self._stack[-1]
+                return
         try:
             tx = self._new_tx(False)
         except lmdb.Error as exc:
@@ -478,6 +492,8 @@ class Store:
         """
         if not self.writer:
             raise StoreError(f"store {self.path} is open read-only", errno.EROFS)
+        if self._committing is not None:
+            self.settle()
         if len(self._stack) > (self._batch is not None):  # inside another operation: join it
             return fn(self._stack[-1])
         for _attempt in range(8):
@@ -488,15 +504,18 @@ class Store:
                 result = fn(tx)
             except lmdb.MapFullError:
                 tx.txn.abort()
+                self.aborts += 1
                 self._stack.pop()
                 self._grow(force=True)
                 continue
             except lmdb.Error as exc:
                 tx.txn.abort()
+                self.aborts += 1
                 self._stack.pop()
                 raise _lmdb_failure(exc, self.path) from None
             except BaseException:
                 tx.txn.abort()
+                self.aborts += 1
                 self._stack.pop()
                 raise
             self._stack.pop()
@@ -523,19 +542,93 @@ class Store:
             return result
         raise NoSpace(f"store {self.path}: the database map cannot grow")
 
+    def use_commit_thread(self) -> None:
+        """Begin and commit batches on a thread of their own from now on, so that
+        :meth:`commit_batch_async` can commit while this (the owner) thread goes on. LMDB
+        ties its write lock to the thread that began the transaction and frees it at commit
+        or abort on that same thread; the batch's child transactions and puts stay on the
+        owner thread, one thread at a time. Call with no batch open."""
+        assert self._batch is None and self._committer is None
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="casfs-commit")
+
+    def _on_committer(self, fn: Callable[[], T]) -> T:
+        if self._committer is None:
+            return fn()
+        return self._committer.submit(fn).result()
+
     def begin_batch(self) -> None:
         """Start group commit: later writes run in child transactions of one batch, made
         durable together by :meth:`commit_batch`. Reads on this thread see the batch."""
+        if self._committing is not None:
+            self.settle()
         assert self._batch is None and not self._stack
         self._grow_if_needed()
         self.batch_bytes = 0
-        self._batch = self._new_tx(True)
+        self._batch = self._on_committer(lambda: self._new_tx(True))
         self._stack.append(self._batch)
+
+    def commit_batch_async(self) -> Future:
+        """Commit the open batch on the commit thread (not durably; see commit_batch) and
+        begin the next one there; returns at once. Until :meth:`settle`, this thread must not
+        touch the store: :meth:`read`, :meth:`run_write` and the batch calls settle first
+        (waiting for the commit), so a caller that forgot only waits. A failed commit loses
+        the batch, as in commit_batch; its error is raised by settle."""
+        if self._committing is not None:
+            self.settle()
+        assert self._committer is not None and self._batch is not None
+        if _disk_nearly_full(self.path):  # commit_batch then moves LMDB on: do it here
+            self.commit_batch(durable=False)
+            self.begin_batch()
+            done: Future = Future()
+            done.set_result(None)
+            return done
+        batch, self._batch = self._batch, None
+        self._stack.clear()
+
+        def commit_and_begin() -> Tx:
+            try:
+                batch.commit()
+            except lmdb.Error as exc:
+                batch.txn.abort()
+                raise _lmdb_failure(exc, self.path) from None
+            return self._new_tx(True)
+
+        self._committing = self._committer.submit(commit_and_begin)
+        return self._committing
+
+    @property
+    def committing(self) -> bool:
+        return self._committing is not None
+
+    @property
+    def commit_thread(self) -> bool:
+        return self._committer is not None
+
+    def settle(self) -> None:
+        """Wait for commit_batch_async's commit and take the batch it began (or, when the
+        commit failed, begin one here and raise the failure)."""
+        future, self._committing = self._committing, None
+        if future is None:
+            return
+        try:
+            batch = future.result()
+        except BaseException as exc:
+            self.aborts += 1
+            if isinstance(exc, NoSpace):
+                self.advance()  # so that the next try may use what the last commit freed
+            self.begin_batch()
+            raise
+        self.batch_bytes = 0
+        self._batch = batch
+        self._stack = [batch]
+        self.mapped.touched()
 
     def commit_batch(self, durable: bool = True) -> None:
         """Commit the open batch, if any. The data pages are always flushed to disk;
         ``durable`` also flushes the meta page that makes the commit survive a power loss
         (a process crash never loses a commit)."""
+        if self._committing is not None:
+            self.settle()
         batch = self._batch
         if batch is None:
             if durable:
@@ -544,28 +637,31 @@ class Store:
         self._batch = None
         self._stack.clear()
         try:
-            batch.commit()
+            self._on_committer(batch.commit)
             if durable:
                 self.sync()
             self.mapped.touched()
             if _disk_nearly_full(self.path):
                 self.advance()  # what this batch freed is then usable by the next one
         except lmdb.Error as exc:
-            batch.txn.abort()
+            self.aborts += 1
+            self._on_committer(batch.txn.abort)
             failure = _lmdb_failure(exc, self.path)
             if isinstance(failure, NoSpace):
                 self.advance()  # so that the next try may use what the last commit freed
             raise failure from None
 
     def abort_batch(self) -> None:
+        self.aborts += 1
         if self._batch is not None:
-            self._batch.txn.abort()
+            self._on_committer(self._batch.txn.abort)
             self._batch = None
             self._stack.clear()
 
     @property
     def in_batch(self) -> bool:
-        return self._batch is not None
+        """A batch is open (or committing, with the next one begun when it ends)."""
+        return self._batch is not None or self._committing is not None
 
     @property
     def batch_written(self) -> int:

@@ -106,6 +106,11 @@ class Filesystem:
         self.content = Content(store, self.pipeline, cache_bytes)
         self.merkle = LiveDigests(store)
         self.is_held: Callable[[int], bool] = is_held or (lambda ino: False)
+        # Live inodes found to have no xattrs (every xattr write discards its inode; an abort
+        # empties it). The kernel asks for security.capability before every write(): this
+        # answers without the store, also while a batch commits on the commit thread.
+        self._xattrless: set[int] = set()
+        self._xattrless_aborts = store.aborts
 
     @classmethod
     def create_store(cls, path: str, **options: int) -> Store:
@@ -221,6 +226,7 @@ class Filesystem:
             tx.delete(b"recut", layout.ino_key(ino))
 
     def _free(self, tx: Tx, ino: int) -> None:
+        self._xattrs_changed(ino)
         self._set_recut(tx, ino, False)
         self.merkle.drop(tx, ino)
         self.content.drop_all(tx, ino)
@@ -586,10 +592,24 @@ class Filesystem:
             raise FsError(errno.ENODATA, repr(name))
         return value
 
+    def known_xattrless(self, ino: int) -> bool:
+        """``ino`` has no xattrs, known without reading the store (see __init__)."""
+        if self._xattrless_aborts != self.store.aborts:
+            self._xattrless.clear()
+            self._xattrless_aborts = self.store.aborts
+        return ino in self._xattrless
+
+    def _xattrs_changed(self, ino: int) -> None:
+        self._xattrless.discard(ino)
+
     @_reads
     def xattr(self, tx: Tx, ino: int, name: bytes) -> bytes | None:
         """An extended attribute's value, or None when it is not set (ENOENT if no inode)."""
-        return self._xattr(tx, ino, name)
+        value = self._xattr(tx, ino, name)
+        if value is None and tx.write and not any(tx.prefix(b"xattrs", layout.ino_key(ino))):
+            self.known_xattrless(ino)  # forget what an abort may have undone, then learn
+            self._xattrless.add(ino)
+        return value
 
     def _xattr(self, tx: Tx, ino: int, name: bytes) -> bytes | None:
         value = tx.get(b"xattrs", layout.xattr_key(ino, name))
@@ -621,6 +641,7 @@ class Filesystem:
             raise FsError(errno.EEXIST, repr(name))
         if flags & XATTR_REPLACE and not exists:
             raise FsError(errno.ENODATA, repr(name))
+        self._xattrs_changed(ino)
         tx.put(b"xattrs", key, bytes(value))
         self._put(tx, inode.but(ctime_ns=now_ns()))
 
@@ -642,6 +663,7 @@ class Filesystem:
         inode = self._new_inode(
             tx, parent, name, entry.mode, entry.uid, entry.gid, entry.rdev, entry.target
         )
+        self._xattrs_changed(inode.ino)
         for key, value in entry.xattrs:
             tx.put(b"xattrs", layout.xattr_key(inode.ino, key), value)
         if entry.is_reg:
@@ -683,6 +705,7 @@ class Filesystem:
         inode = self._get(tx, ino)
         rows = list(tx.prefix(b"xattrs", layout.ino_key(ino)))
         if tuple((key[8:], value) for key, value in rows) != entry.xattrs:
+            self._xattrs_changed(ino)
             for key, _ in rows:
                 tx.delete(b"xattrs", key)
             for key, value in entry.xattrs:
