@@ -590,8 +590,11 @@ def test_kill_9_during_import_leaks_nothing(tmp_path):
         assert pins(store) == 0  # the killed import's pins were given back
         fsck_clean(store)
         got = stats(store)
-        for key in ("objects", "unique_bytes", "stored_bytes", "logical_bytes"):
+        for key in ("objects", "unique_bytes", "logical_bytes"):
             assert got[key] == want[key], f"round {rnd} (killed at {delay:.2f} s): {key}"
+        # the same objects, but small ones may sit in packs cut elsewhere (the killed import
+        # packed some already): each pack's framing and compression differ by a few bytes
+        assert abs(got["stored_bytes"] - want["stored_bytes"]) <= want["stored_bytes"] // 1000
         assert result["snapshot"]["files"] == reference["snapshot"]["files"] == 50
         assert result["snapshot"]["logical_bytes"] == reference["snapshot"]["logical_bytes"]
         shutil.rmtree(store)
