@@ -10,7 +10,6 @@ reuse. Called once, by the first Store opened in the process.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import os
 import resource
@@ -33,8 +32,9 @@ _done = False
 
 @functools.cache
 def _libc() -> ctypes.CDLL:
-    """glibc, found once (find_library runs ldconfig in a subprocess)."""
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    """The C library's functions, as this process already has them (dlopen of no file:
+    ctypes.util.find_library would import subprocess and run ldconfig, ~15 ms a command)."""
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def tune_malloc() -> None:
