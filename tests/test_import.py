@@ -322,6 +322,7 @@ def test_incremental_imports_read_only_what_changed(tmp_path):
     first = import_json(store, src, "one")
     assert first["bytes_read"] == sum(inodes.values())
     before = stats(store)
+    assert first["bytes_new"] == before["stored_bytes"] > 0  # small chunks' packs included
 
     second = import_json(store, src, "two")
     assert second["warnings"] == 0

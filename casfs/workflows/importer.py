@@ -776,6 +776,7 @@ def import_offline(
         importer.run()
         importer.record(name)
         store.commit_batch(durable=True)
+        importer.measure_new_bytes()  # the commit packed the last small chunks: count them
     except BaseException:
         store.abort_batch()
         store.run_write(lambda tx: snapshots.drop_pins(tx, store))
