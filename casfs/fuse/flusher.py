@@ -295,8 +295,6 @@ class Flusher:
 
     async def _commit_ended(self, future: Future, inodes: set[int]) -> None:
         await wait_future(future)
-        if self._committing is future:
-            self._committing = None
         exc = future.exception()
         if exc is not None:
             log.error("committing the store failed: %s", exc)
@@ -305,15 +303,14 @@ class Flusher:
                 self.errors[ino] = code
         try:
             self.store.settle()  # take the next batch now, unless a store user did
-        except Exception:  # reported above, to the files it lost
-            pass
+        except Exception as again:
+            if again is not exc:  # the failure itself is reported above, to the files it lost
+                log.exception("taking the next batch failed")
 
     async def committed(self) -> None:
         """Wait, without blocking the loop, for a commit_soon commit in progress."""
-        while self._committing is not None:
-            await wait_future(self._committing)
-            if self._committing is not None and self._committing.done():
-                self._committing = None
+        while (future := self._committing) is not None and not future.done():
+            await wait_future(future)
 
     async def run(self) -> None:
         """Background flushes and the timer; runs for the life of the mount."""

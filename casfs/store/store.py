@@ -503,20 +503,14 @@ class Store:
             try:
                 result = fn(tx)
             except lmdb.MapFullError:
-                tx.txn.abort()
-                self.aborts += 1
-                self._stack.pop()
+                self._abort_top()
                 self._grow(force=True)
                 continue
             except lmdb.Error as exc:
-                tx.txn.abort()
-                self.aborts += 1
-                self._stack.pop()
+                self._abort_top()
                 raise _lmdb_failure(exc, self.path) from None
             except BaseException:
-                tx.txn.abort()
-                self.aborts += 1
-                self._stack.pop()
+                self._abort_top()
                 raise
             self._stack.pop()
             try:
@@ -541,6 +535,11 @@ class Store:
                 self._hold_reserve()
             return result
         raise NoSpace(f"store {self.path}: the database map cannot grow")
+
+    def _abort_top(self) -> None:
+        """Abort run_write's transaction (a child of the batch, or one of its own)."""
+        self._stack.pop().txn.abort()
+        self.aborts += 1
 
     def use_commit_thread(self) -> None:
         """Begin and commit batches on a thread of their own from now on, so that
