@@ -592,12 +592,16 @@ class Filesystem:
             raise FsError(errno.ENODATA, repr(name))
         return value
 
-    def known_xattrless(self, ino: int) -> bool:
-        """``ino`` has no xattrs, known without reading the store (see __init__)."""
+    def _known_xattrless(self) -> set[int]:
+        """The inodes known to have no xattrs (see __init__), emptied after an abort."""
         if self._xattrless_aborts != self.store.aborts:
             self._xattrless.clear()
             self._xattrless_aborts = self.store.aborts
-        return ino in self._xattrless
+        return self._xattrless
+
+    def known_xattrless(self, ino: int) -> bool:
+        """``ino`` has no xattrs, known without reading the store."""
+        return ino in self._known_xattrless()
 
     def _xattrs_changed(self, ino: int) -> None:
         self._xattrless.discard(ino)
@@ -607,8 +611,7 @@ class Filesystem:
         """An extended attribute's value, or None when it is not set (ENOENT if no inode)."""
         value = self._xattr(tx, ino, name)
         if value is None and tx.write and not any(tx.prefix(b"xattrs", layout.ino_key(ino))):
-            self.known_xattrless(ino)  # forget what an abort may have undone, then learn
-            self._xattrless.add(ino)
+            self._known_xattrless().add(ino)  # learned from the batch the mount works in
         return value
 
     def _xattr(self, tx: Tx, ino: int, name: bytes) -> bytes | None:
@@ -663,8 +666,7 @@ class Filesystem:
         inode = self._new_inode(
             tx, parent, name, entry.mode, entry.uid, entry.gid, entry.rdev, entry.target
         )
-        self._xattrs_changed(inode.ino)
-        for key, value in entry.xattrs:
+        for key, value in entry.xattrs:  # (a new inode number: known to no cache)
             tx.put(b"xattrs", layout.xattr_key(inode.ino, key), value)
         if entry.is_reg:
             self._put_extents(tx, inode.ino, self._snapshot_extents(tx, entry))
