@@ -23,7 +23,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from casfs.errors import FsError
@@ -35,6 +35,7 @@ from casfs.tree.treeobjects import Entry
 from casfs.workflows import exporter, importer, retention
 from casfs.workflows.exporter import ExportResult
 from casfs.workflows.importer import ImportResult, Progress
+from casfs.workflows.selection import Selection
 
 PathLike = str | bytes
 
@@ -136,12 +137,18 @@ class Casfs:
         name: PathLike,
         *,
         one_file_system: bool = False,
+        exclude: Sequence[str] = (),
+        exclude_caches: bool = False,
         progress: Callable[[Progress], None] | None = None,
     ) -> ImportResult:
         """Import directory ``src`` as snapshot ``name`` (``casfs import``): incremental
-        against the last import of the same ``src``, on all cores."""
+        against the last import of the same ``src`` (with the same options), on all cores.
+        ``exclude`` holds glob patterns of paths to leave out (see
+        :mod:`casfs.workflows.selection`); ``exclude_caches`` leaves out the contents of
+        directories tagged with a CACHEDIR.TAG."""
+        selection = Selection.of(exclude, exclude_caches, one_file_system)
         return importer.import_offline(
-            self.store, src, _b(name), one_file_system=one_file_system, progress=progress
+            self.store, src, _b(name), selection=selection, progress=progress
         )
 
     def export(

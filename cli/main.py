@@ -201,6 +201,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--one-file-system", "-x", action="store_true", help="do not descend into other mounts"
     )
+    s.add_argument(
+        "--exclude", "-e", action="append", metavar="PATTERN",
+        help="leave out paths matching this glob (repeatable; docs/workflows.md, Excluding)",
+    )  # fmt: skip
+    s.add_argument(
+        "--exclude-from", action="append", metavar="FILE",
+        help="read exclude patterns from FILE, one a line (# starts a comment)",
+    )  # fmt: skip
+    s.add_argument(
+        "--exclude-caches", action="store_true",
+        help="keep only the CACHEDIR.TAG of directories tagged as caches",
+    )  # fmt: skip
     s.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
     s.set_defaults(run=_lazy("workflows.import_command"))
 

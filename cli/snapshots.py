@@ -23,6 +23,7 @@ from casfs.store import layout
 from casfs.store.store import Store
 from casfs.tree import diff
 from casfs.workflows.importer import Progress
+from casfs.workflows.selection import Selection
 from casfs_cli.format import human_bytes
 
 CONTROL_TIMEOUT = 3600.0  # a rollback of a huge tree may take a while
@@ -84,14 +85,12 @@ class MountTarget:
         d = os.fsdecode(dest) if dest is not None else None
         self.call("restore", name=os.fsdecode(name), path=os.fsdecode(path), dest=d, force=force)
 
-    def import_tree(self, src: str, name: bytes, one_file_system: bool, progress) -> dict:
+    def import_tree(self, src: str, name: bytes, selection: Selection, progress) -> dict:
         def show(p: dict) -> None:
             if progress is not None:
                 progress(Progress(**{**p, "path": os.fsencode(p["path"])}))
 
-        return self.call(
-            "import", show, src=src, name=os.fsdecode(name), one_file_system=one_file_system
-        )
+        return self.call("import", show, src=src, name=os.fsdecode(name), **selection.describe())
 
     @contextlib.contextmanager
     def reader(self) -> Iterator[Store]:
@@ -134,8 +133,8 @@ class StoreTarget:
     def restore(self, name: bytes, path: bytes, dest: bytes | None, force: bool) -> None:
         self.api.restore(name, path, dest, force)
 
-    def import_tree(self, src: str, name: bytes, one_file_system: bool, progress) -> dict:
-        result = self.api.put_tree(src, name, one_file_system=one_file_system, progress=progress)
+    def import_tree(self, src: str, name: bytes, selection: Selection, progress) -> dict:
+        result = self.api.put_tree(src, name, progress=progress, **selection.describe())
         return result.describe()
 
     @contextlib.contextmanager

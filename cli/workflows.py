@@ -24,6 +24,7 @@ from casfs.store.store import Store
 from casfs.tree import identity
 from casfs.workflows import exporter, retention
 from casfs.workflows.importer import Progress
+from casfs.workflows.selection import Selection, read_patterns
 from casfs_cli.format import human_bytes, plural
 from casfs_cli.snapshots import open_target
 
@@ -70,12 +71,16 @@ def import_command(args: argparse.Namespace) -> int:
     if not os.path.isdir(src):
         what = "does not exist" if not os.path.lexists(src) else "is not a directory"
         raise CasfsError(f"{args.src} {what}")
+    patterns = list(args.exclude or [])
+    for path in args.exclude_from or []:
+        patterns += read_patterns(path)
+    selection = Selection.of(patterns, args.exclude_caches, args.one_file_system)
     bar = Bar(args.json, "import")
     started = time.monotonic()
     try:
         with open_target(args.target) as target:
             name = os.fsencode(args.snapshot)
-            result = target.import_tree(src, name, args.one_file_system, bar.importing)
+            result = target.import_tree(src, name, selection, bar.importing)
     finally:
         bar.close()
     for warning in result["warnings"]:

@@ -26,6 +26,7 @@ import trio
 from casfs.errors import CasfsError
 from casfs.fuse import importservice
 from casfs.tree import snapshots
+from casfs.workflows.selection import Selection
 
 if TYPE_CHECKING:
     from casfs.fuse.operations import CasfsOperations
@@ -158,8 +159,9 @@ class ControlServer:
         await self.ops.snapshots.rollback(_name(r["name"]))
 
     async def _import(self, r: dict, send: Callable[[dict], Awaitable[None]]) -> dict:
+        selection = Selection.from_request(r)
         result = await importservice.run_import(
-            self.ops, r["src"], _name(r["name"]), bool(r.get("one_file_system")), send
+            self.ops, r["src"], _name(r["name"]), selection, send
         )
         return result.describe()
 

@@ -21,6 +21,7 @@ from casfs.errors import CasfsError
 from casfs.store.store import Tx
 from casfs.tree import snapshots
 from casfs.workflows.importer import Access, Importer, ImportResult, Progress
+from casfs.workflows.selection import Selection
 
 if TYPE_CHECKING:
     from casfs.fuse.operations import CasfsOperations
@@ -37,7 +38,7 @@ async def run_import(
     ops: CasfsOperations,
     src: str,
     name: bytes,
-    one_file_system: bool,
+    selection: Selection,
     send: Callable[[dict], Awaitable[None]],
 ) -> ImportResult:
     store = ops.store
@@ -74,7 +75,7 @@ async def run_import(
         Access(read, write),
         ops.fs.pipeline,
         src,
-        one_file_system=one_file_system,
+        selection=selection,
         progress=progress,
         cancelled=lambda: gone,
     )

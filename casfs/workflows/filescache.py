@@ -80,16 +80,18 @@ class Last:
         return rel in self.rows
 
 
-def cache_path(store_path: str, source: bytes) -> str:
-    """The cache file of the absolute source path ``source``."""
-    name = digest_of(source).hex()[:32]
+def cache_path(store_path: str, source: bytes, selection: bytes = b"") -> str:
+    """The cache file of the absolute source path ``source`` imported with the selection
+    whose key is ``selection`` (:meth:`Selection.key`; empty for a whole tree)."""
+    name = digest_of(source + b"\0" + selection if selection else source).hex()[:32]
     return os.path.join(store_path, FOLDER, name)
 
 
-def load(store_path: str, source: bytes) -> Last:
-    """The last import of ``source``, or an empty one when there is none usable."""
+def load(store_path: str, source: bytes, selection: bytes = b"") -> Last:
+    """The last import of ``source`` with this selection, or an empty one when there is none
+    usable."""
     try:
-        with open(cache_path(store_path, source), "rb") as f:
+        with open(cache_path(store_path, source, selection), "rb") as f:
             raw = zstandard.ZstdDecompressor().decompress(f.read())
         fmt, stored_source, rows = marshal.loads(raw)
         if fmt != _FORMAT or stored_source != source or not isinstance(rows, dict):
@@ -99,12 +101,12 @@ def load(store_path: str, source: bytes) -> Last:
         return Last({})
 
 
-def save(store_path: str, source: bytes, rows: dict[bytes, tuple]) -> None:
+def save(store_path: str, source: bytes, rows: dict[bytes, tuple], selection: bytes = b"") -> None:
     """Replace the cache of ``source`` (atomically: a crash leaves the old one or the new).
     ``rows`` are :class:`Seen` values or the plain tuples :attr:`Last.rows` holds."""
     folder = os.path.join(store_path, FOLDER)
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    path = cache_path(store_path, source)
+    path = cache_path(store_path, source, selection)
     plain = {rel: tuple(row) for rel, row in rows.items()}
     data = zstandard.ZstdCompressor(level=1).compress(marshal.dumps((_FORMAT, source, plain)))
     tmp = path + ".tmp"

@@ -45,8 +45,10 @@ from casfs.tree.snapshots import Snapshot
 from casfs.tree.treeobjects import INLINE_EXTENTS, Entry, Totals
 from casfs.workflows import filescache
 from casfs.workflows.filescache import Seen
+from casfs.workflows.selection import CACHEDIR_TAG, Selection, is_cache_dir
 
 T = TypeVar("T")
+WHOLE_TREE = Selection()
 
 GROUP_BYTES = 16 << 20  # file bytes per applied group (and per compression batch)
 GROUP_OPS = 4096  # ... or this many changes, whichever comes first
@@ -109,9 +111,10 @@ class Node:
 
 
 def scan(
-    src: bytes, warn: Callable[[str], None], one_file_system: bool = False
+    src: bytes, warn: Callable[[str], None], selection: Selection = WHOLE_TREE
 ) -> tuple[Node, Counter]:
-    """The source's tree of lstat results, and the names each (dev, ino) has inside it."""
+    """The source's tree of lstat results (the entries ``selection`` takes), and the names
+    each (dev, ino) has inside it."""
     root = Node(b"", b"", os.lstat(src), [])
     names: Counter[tuple[int, int]] = Counter()
     stack = [root]
@@ -126,6 +129,8 @@ def scan(
         try:
             with os.scandir(fd) as it:
                 found = sorted((os.fsencode(d.name), d) for d in it)
+            if selection.filters:
+                found = _selected(selection, node.rel, found, fd)
             listed = []
             for name, d in found:
                 try:
@@ -143,13 +148,31 @@ def scan(
             assert node.children is not None
             node.children.append(child)
             if stat.S_ISDIR(st.st_mode):
-                if one_file_system and st.st_dev != root.st.st_dev:
+                if selection.one_file_system and st.st_dev != root.st.st_dev:
                     continue  # a mountpoint: kept as an empty directory
                 child.children = []
                 stack.append(child)
             elif st.st_nlink > 1:
                 names[(st.st_dev, st.st_ino)] += 1
     return root, names
+
+
+def _selected(
+    selection: Selection, rel: bytes, found: list[tuple[bytes, os.DirEntry]], dir_fd: int
+) -> list[tuple[bytes, os.DirEntry]]:
+    """The entries of a listing that ``selection`` takes (a cache directory keeps its tag)."""
+    if (
+        selection.exclude_caches
+        and any(name == CACHEDIR_TAG for name, _ in found)
+        and is_cache_dir(dir_fd)
+    ):
+        return [(name, d) for name, d in found if name == CACHEDIR_TAG]
+    prefix = rel + b"/" if rel else b""
+    return [
+        (name, d)
+        for name, d in found
+        if not selection.excluded(prefix + name, name, d.is_dir(follow_symlinks=False))
+    ]
 
 
 def _join(src: bytes, rel: bytes) -> bytes:
@@ -230,7 +253,7 @@ class Importer:
         pipeline: Pipeline,
         src: str,
         *,
-        one_file_system: bool = False,
+        selection: Selection = WHOLE_TREE,
         progress: Callable[[Progress], None] | None = None,
         cancelled: Callable[[], bool] = lambda: False,
     ) -> None:
@@ -238,7 +261,7 @@ class Importer:
         self.access = access
         self.pipeline = pipeline
         self.src = os.fsencode(os.path.realpath(src))
-        self.one_file_system = one_file_system
+        self.selection = selection
         self.on_progress = progress
         self.cancelled = cancelled
         self.result = ImportResult()
@@ -270,8 +293,8 @@ class Importer:
     def run(self) -> None:
         self.check_source()
         self._stored_before = self._stored_bytes()
-        last = filescache.load(self.store.path, self.src)
-        root, names = scan(self.src, self._warn, self.one_file_system)
+        last = filescache.load(self.store.path, self.src, self.selection.key())
+        root, names = scan(self.src, self._warn, self.selection)
         self.progress.files_total = sum(1 for _ in _walk_files(root))
         self.progress.bytes_total = sum(n.st.st_size for n in _walk_files(root) if _is_reg(n))
         new_inos = sum(1 for n in _walk_all(root) if n.rel and n.rel not in last)
@@ -633,7 +656,7 @@ class Importer:
         self.held = +self.held
         try:
             if self.seen != self._last.rows:  # (a Seen equals its plain tuple)
-                filescache.save(self.store.path, self.src, self.seen)
+                filescache.save(self.store.path, self.src, self.seen, self.selection.key())
         except OSError as exc:
             self._warn(f"could not save the files cache ({exc.strerror}); next import reads all")
         self.measure_new_bytes()
@@ -750,7 +773,7 @@ def import_offline(
     src: str,
     name: bytes,
     *,
-    one_file_system: bool = False,
+    selection: Selection = WHOLE_TREE,
     progress: Callable[[Progress], None] | None = None,
 ) -> ImportResult:
     """Import ``src`` as snapshot ``name`` into a store this process holds as its one writer
@@ -768,9 +791,7 @@ def import_offline(
 
     pipeline = Pipeline(store)
     access = Access(Access.direct(store).read, write)
-    importer = Importer(
-        store, access, pipeline, src, one_file_system=one_file_system, progress=progress
-    )
+    importer = Importer(store, access, pipeline, src, selection=selection, progress=progress)
     store.begin_batch()
     try:
         importer.run()

@@ -1,0 +1,187 @@
+"""What ``casfs import`` takes from its source: everything, less what the user excludes.
+
+Patterns (``--exclude``, ``--exclude-from``) follow the glob rules restic and rsync users
+know, on paths relative to the source directory with ``/`` between names:
+
+* ``*`` and ``?`` match within one name, ``[abc]``/``[!abc]`` one character of a set, and
+  ``**`` any number of whole names (``**/build``, ``src/**/*.o``, ``logs/**``);
+* a pattern with no ``/`` in it matches an entry's name at any depth (``*.pyc``,
+  ``node_modules``); one with a ``/`` is anchored at the source (``build/cache``; a leading
+  ``/`` changes nothing);
+* a trailing ``/`` matches directories only (``tmp/``).
+
+An excluded directory is not listed at all. ``--exclude-caches`` keeps a directory holding a
+valid ``CACHEDIR.TAG`` (https://bford.info/cachedir/) with only that file in it, as restic does.
+
+The files cache (:mod:`casfs.workflows.filescache`) is kept per selection (:meth:`key`): an
+unchanged directory's tree object is reused whole, which is right only if the same entries
+of it were taken last time.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from casfs.errors import CasfsError
+
+CACHEDIR_TAG = b"CACHEDIR.TAG"
+CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+
+
+def read_patterns(path: str) -> list[str]:
+    """The patterns of an ``--exclude-from`` file: one a line; blank lines and lines
+    starting with ``#`` are skipped, as are the line's trailing spaces."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise CasfsError(f"cannot read exclude file {path}: {exc.strerror}", exc.errno) from None
+    patterns = []
+    for line in lines:
+        line = line.rstrip(b" \t\r")
+        if line and not line.startswith(b"#"):
+            patterns.append(os.fsdecode(line))
+    return patterns
+
+
+def _translate(pattern: bytes) -> bytes:
+    """A regular expression (for fullmatch) for one glob pattern without its trailing ``/``."""
+    out = []
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i : i + 1]
+        if c == b"*":
+            if pattern[i : i + 2] == b"**":
+                i += 2
+                if pattern[i : i + 1] == b"/":
+                    out.append(b"(?:.*/)?")  # any number of whole names, none included
+                    i += 1
+                else:
+                    out.append(b".*")
+                continue
+            out.append(b"[^/]*")
+        elif c == b"?":
+            out.append(b"[^/]")
+        elif c == b"[":
+            start = i + 1
+            negated = pattern[start : start + 1] == b"!"
+            start += negated
+            # a "]" right after the opening (or "[!") is a member, not the end
+            end = pattern.find(b"]", start + (pattern[start : start + 1] == b"]"))
+            if end < 0:
+                out.append(re.escape(c))
+            else:
+                members = (pattern[k : k + 1] for k in range(start, end))
+                body = b"".join(m if m == b"-" else re.escape(m) for m in members)
+                out.append(b"[" + (b"^" if negated else b"") + body + b"]")
+                i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return b"".join(out)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The paths below the source an import takes (see the module's docstring)."""
+
+    exclude: tuple[str, ...] = ()
+    exclude_caches: bool = False
+    one_file_system: bool = False  # do not descend into other mounts (keep them empty)
+    _by_name: tuple[re.Pattern[bytes] | None, re.Pattern[bytes] | None] = field(
+        init=False, repr=False, compare=False
+    )
+    _by_path: tuple[re.Pattern[bytes] | None, re.Pattern[bytes] | None] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        # [any entry, directories only], for patterns on names and on paths
+        names: tuple[list[bytes], list[bytes]] = ([], [])
+        paths: tuple[list[bytes], list[bytes]] = ([], [])
+        for text in self.exclude:
+            pattern = os.fsencode(text)
+            dirs_only = pattern.endswith(b"/")
+            body = pattern.rstrip(b"/")
+            if not body or body.startswith(b"!"):
+                why = "negation is not supported" if body else "it matches nothing"
+                raise CasfsError(f"bad exclude pattern {text!r}: {why}", errno.EINVAL)
+            if b"/" in body:
+                paths[dirs_only].append(_translate(body.lstrip(b"/")))
+            else:
+                names[dirs_only].append(_translate(body))
+        object.__setattr__(self, "_by_name", tuple(_one(r) for r in names))
+        object.__setattr__(self, "_by_path", tuple(_one(r) for r in paths))
+
+    @classmethod
+    def of(
+        cls,
+        exclude: Iterable[str] = (),
+        exclude_caches: bool = False,
+        one_file_system: bool = False,
+    ) -> Selection:
+        return cls(tuple(exclude), bool(exclude_caches), bool(one_file_system))
+
+    @property
+    def filters(self) -> bool:
+        """True when some entry may be left out by a pattern or a cache tag."""
+        return bool(self.exclude) or self.exclude_caches
+
+    def excluded(self, rel: bytes, name: bytes, is_dir: bool) -> bool:
+        """Whether the entry ``name`` at ``rel`` (relative to the source) is left out."""
+        for matcher, subject in ((self._by_name, name), (self._by_path, rel)):
+            anything, dirs = matcher
+            if anything is not None and anything.fullmatch(subject):
+                return True
+            if is_dir and dirs is not None and dirs.fullmatch(subject):
+                return True
+        return False
+
+    def key(self) -> bytes:
+        """What tells this selection from another, for the files cache; empty for a whole
+        tree (the cache of an import without options keeps its old name)."""
+        if not (self.filters or self.one_file_system):
+            return b""
+        parts = [b"x" if self.one_file_system else b"", b"c" if self.exclude_caches else b""]
+        parts += sorted(os.fsencode(p) for p in self.exclude)
+        return b"\0".join(parts)
+
+    def describe(self) -> dict:
+        """For the mount's control socket (JSON)."""
+        return {
+            "exclude": list(self.exclude),
+            "exclude_caches": self.exclude_caches,
+            "one_file_system": self.one_file_system,
+        }
+
+    @classmethod
+    def from_request(cls, r: dict) -> Selection:
+        exclude = r.get("exclude") or []
+        if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
+            raise CasfsError("exclude must be a list of patterns", errno.EINVAL)
+        return cls.of(exclude, bool(r.get("exclude_caches")), bool(r.get("one_file_system")))
+
+
+def _one(regexes: list[bytes]) -> re.Pattern[bytes] | None:
+    if not regexes:
+        return None
+    return re.compile(b"|".join(b"(?:" + r + b")" for r in regexes), re.DOTALL)
+
+
+def is_cache_dir(dir_fd: int) -> bool:
+    """Whether the directory open as ``dir_fd`` holds a valid CACHEDIR.TAG (a regular file
+    starting with the signature)."""
+    try:
+        fd = os.open(CACHEDIR_TAG, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
