@@ -195,8 +195,7 @@ class Casfs:
         with self.store.read() as tx:
             entry = self._entry(tx, _b(name), _b(path))
             extents = self._extents(tx, entry, path)
-            job = self.fs.content.read_job(tx, 0, entry.size, 0, entry.size, extents)
-        return job.assemble()
+            return self.fs.content.read_job(tx, 0, entry.size, 0, entry.size, extents).complete(tx)
 
     def digest(self, name: PathLike, path: PathLike) -> str:
         """The content digest (``user.casfs.digest``) of regular file ``path``: equal for two
@@ -210,7 +209,7 @@ class Casfs:
         def read(offset: int, length: int) -> bytes:
             with self.store.read() as tx:
                 job = self.fs.content.read_job(tx, 0, entry.size, offset, length, extents)
-            return job.assemble()
+                return job.complete(tx)
 
         steps = identity.steps(self.fs.pipeline, entry.size, extents, entry.recut, read)
         return identity.run(steps).decode()

@@ -65,6 +65,20 @@ def fs(store):
 # -- real mounts ------------------------------------------------------------------------------
 
 
+def mapped_kib(path: str) -> int:
+    """KiB of ``path``'s mapping(s) resident in this process (from /proc/self/smaps)."""
+    real = os.path.realpath(path)
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                inside = line.rstrip("\n").endswith(" " + real)
+            elif inside and first == "Rss:":
+                total += int(line.split()[1])
+    return total
+
+
 def flip_byte(data_mdb: Path, chunk: bytes) -> None:
     """Flip one bit in the middle of ``chunk``'s one stored copy (the chunk must be stored
     raw, as incompressible data is, to be found in the file)."""

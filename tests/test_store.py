@@ -13,7 +13,7 @@ import weakref
 
 import lmdb
 import pytest
-from conftest import assert_fsck_clean, flip_byte, tmpfs
+from conftest import assert_fsck_clean, flip_byte, mapped_kib, tmpfs
 
 from casfs.errors import CasfsError, CorruptObject, NoSpace, StoreError, StoreInUse
 from casfs.store import chunker, layout
@@ -465,20 +465,6 @@ def test_map_grows_inside_a_long_batch_without_losing_it(tmp_path, monkeypatch):
         s.close()
 
 
-def _mapped_kib(path: str) -> int:
-    """KiB of ``path``'s mapping(s) resident in this process (from /proc/self/smaps)."""
-    real = os.path.realpath(path)
-    total, inside = 0, False
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            first = line.split(maxsplit=1)[0]
-            if "-" in first and not first.endswith(":"):  # a mapping's header line
-                inside = line.rstrip("\n").endswith(" " + real)
-            elif inside and first == "Rss:":
-                total += int(line.split()[1])
-    return total
-
-
 def test_unmapping_follows_the_map_when_it_grows(tmp_path):
     """LMDB maps the data file anew when the map grows; the unmapping must find the new
     mapping (advising the old range would zero whatever memory took its place)."""
@@ -500,6 +486,8 @@ def test_data_file_pages_are_unmapped_as_data_goes_through(tmp_path, monkeypatch
     after."""
     monkeypatch.setattr(store_module, "MAPPED_BYTES_MAX", 1 << 62)  # never, at first
     s = new_store(tmp_path / "s")
+    # values read in the pool unmap themselves (test_read_path); here the sweep is tested
+    monkeypatch.setattr(s.mapped, "release", lambda views: None)
     fs = Filesystem(s)
     data_file = str(tmp_path / "s" / "data.mdb")
     try:
@@ -508,15 +496,15 @@ def test_data_file_pages_are_unmapped_as_data_goes_through(tmp_path, monkeypatch
         fs.write(ino, 0, data)
         fs.content.cache = type(fs.content.cache)(0)
         assert fs.read(ino, 0, len(data)) == data
-        before = _mapped_kib(data_file)
+        before = mapped_kib(data_file)
         assert before > 8 << 10, f"only {before} KiB mapped: the test reads nothing through it"
 
         s.mapped.max_faults, s.mapped.max_mapped = 4, 1 << 20
         assert fs.read(ino, 0, len(data)) == data
-        assert _mapped_kib(data_file) < before // 2
+        assert mapped_kib(data_file) < before // 2
         data = os.urandom(24 << 20)
         fs.write(ino, 0, data)  # and while writing
-        assert _mapped_kib(data_file) < before // 2
+        assert mapped_kib(data_file) < before // 2
         assert fs.read(ino, 0, len(data)) == data
         assert_fsck_clean(s)
     finally:

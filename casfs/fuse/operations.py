@@ -21,13 +21,14 @@ import pyfuse3
 import trio
 
 from casfs.errors import CasfsError, CorruptObject
-from casfs.fuse.flusher import FLUSH_AT, INLINE_BYTES, Flusher, InodeLocks
+from casfs.fuse.flusher import FLUSH_AT, Flusher, InodeLocks, wait_future
 from casfs.fuse.pins import Pins
 from casfs.fuse.snapservice import SnapshotService
 from casfs.fuse.snapview import SNAPDIR_INO, Lru, SnapView, is_snapshot_ino, snapshot_ino
 from casfs.fuse.writeback import WriteBuffers
 from casfs.store.store import Store
 from casfs.tree import identity
+from casfs.tree.content import ReadJob
 from casfs.tree.fs import ROOT_INO, SNAPDIR_NAME, Filesystem
 from casfs.tree.records import Inode
 from casfs.tree.whereused import where_used
@@ -392,11 +393,7 @@ class CasfsOperations(pyfuse3.Operations):
                 return b""
             with self.store.read() as tx:
                 job = self.fs.content.read_job(tx, ino, node.size, off, length)
-            if job.ready or length < INLINE_BYTES // 4:
-                data = job.assemble()
-            else:
-                data = await trio.to_thread.run_sync(job.assemble)
-            job.remember()
+            data = await self._finish_read(job)
             if dirty is None:
                 return data
             out = bytearray(data)
@@ -409,7 +406,16 @@ class CasfsOperations(pyfuse3.Operations):
         with self.store.read() as tx:
             extents = self.snaps.extents(tx, entry)
             job = self.fs.content.read_job(tx, ino, entry.size, off, size, extents)
-        data = job.assemble() if job.ready else await trio.to_thread.run_sync(job.assemble)
+        return await self._finish_read(job)
+
+    async def _finish_read(self, job: ReadJob) -> bytes:
+        """A planned read's bytes: the pool reads and decodes its chunks while this thread
+        serves other requests."""
+        for future in job.futures():
+            await wait_future(future)
+        with self.store.read() as tx:
+            job.finish(tx)
+        data = job.assemble()
         job.remember()
         return data
 
@@ -571,7 +577,9 @@ class CasfsOperations(pyfuse3.Operations):
             def read(off: int, n: int) -> bytes:
                 with self.store.read() as tx:
                     extents = self.snaps.extents(tx, entry)
-                    return self.fs.content.read_job(tx, ino, entry.size, off, n, extents).assemble()
+                    return self.fs.content.read_job(tx, ino, entry.size, off, n, extents).complete(
+                        tx
+                    )
 
             with self.store.read() as tx:
                 extents = [] if entry.recut else self.snaps.extents(tx, entry)

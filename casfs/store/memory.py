@@ -14,6 +14,8 @@ import ctypes
 import functools
 import os
 import resource
+import threading
+from collections.abc import Iterator
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -77,6 +79,37 @@ def _file_resident() -> int:
         return 0
 
 
+class _Buffer(ctypes.Structure):
+    """CPython's Py_buffer: where a buffer's bytes are (a read-only memoryview has no other
+    way to tell its address to ctypes)."""
+
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.py_object),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+def _address(view: memoryview) -> int:
+    """The address of a buffer's first byte (PyObject_GetBuffer; released at once)."""
+    api = ctypes.pythonapi
+    info = _Buffer()
+    if api.PyObject_GetBuffer(ctypes.py_object(view), ctypes.byref(info), 0) != 0:
+        raise BufferError("no buffer")
+    try:
+        return info.buf or 0
+    finally:
+        api.PyBuffer_Release(ctypes.byref(info))
+
+
 class MappedFile:
     """Keeps this process's mappings of one file (LMDB's data file) out of its RSS.
 
@@ -96,7 +129,8 @@ class MappedFile:
     in again) although the whole database would have fit the budget. The mapping's address is
     found in /proc/self/maps once and checked through /proc/self/map_files before each use:
     LMDB maps the file anew when the map grows, and advising a stale range would zero
-    whatever memory took its place. Only the thread that may grow the map calls this.
+    whatever memory took its place. Only the thread that may grow the map calls this, or a
+    thread inside :meth:`MapUsers.shared` (no growth can run meanwhile).
     """
 
     def __init__(self, path: str, max_faults: int = 16, max_mapped: int = 32 << 20) -> None:
@@ -104,16 +138,32 @@ class MappedFile:
         self.max_faults = max_faults
         self.max_mapped = max_mapped
         self._ranges: list[tuple[int, int]] = []
+        self._checking = threading.Lock()
         self._faults = _minor_faults()
         self._resident = _file_resident()  # file pages mapped after the last unmap
 
     def touched(self) -> None:
         faults = _minor_faults()
-        if faults - self._faults < self.max_faults:
-            return
-        self._faults = faults
-        if _file_resident() - self._resident >= self.max_mapped:
-            self.unmap()
+        if faults - self._faults < self.max_faults or not self._checking.acquire(blocking=False):
+            return  # (another thread is checking: once is enough)
+        try:
+            self._faults = faults
+            if _file_resident() - self._resident >= self.max_mapped:
+                self.unmap()
+        finally:
+            self._checking.release()
+
+    def release(self, views: list[memoryview]) -> None:
+        """Unmap the pages under ``views`` (values just read through the map, still valid):
+        a thread that streams values through the map drops each one's pages as it goes, so
+        that :meth:`unmap`'s sweep of the whole map (which costs every thread of the process
+        its mappings, hot B-tree pages included) comes far less often: what still grows is
+        the folios mapped around the B-tree pages of each lookup."""
+        libc = _libc()
+        for view in views:
+            lo = _address(view) & ~(_PAGE - 1)
+            hi = _address(view) + len(view)
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
 
     def unmap(self) -> int:
         """Drop every mapping of the file now; returns the bytes of address space advised."""
@@ -148,3 +198,43 @@ class MappedFile:
                     lo, hi = (int(x, 16) for x in line.split(maxsplit=1)[0].split("-"))
                     ranges.append((lo, hi))
         return ranges
+
+
+class MapUsers:
+    """Threads that read LMDB's map outside the owner's transactions (``shared``), and the
+    owner's changes of the map itself (``exclusive``): growing it (or adopting another
+    process's size) and closing the environment unmap it, which would pull the pages from
+    under such a reader. The owner's own transactions need no guard: it never resizes while
+    one of them is open."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._changing = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._changing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._changing = True
+            while self._readers:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._changing = False
+                self._cond.notify_all()

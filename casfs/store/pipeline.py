@@ -60,8 +60,9 @@ class Piece:
 
 
 class Pipeline:
-    """The CPU-heavy steps, spread over a thread pool. Nothing here touches LMDB: the store's
-    transactions stay on the thread that owns them."""
+    """The CPU-heavy steps, spread over a thread pool. The store's transactions stay on the
+    thread that owns them; only :meth:`read_async`'s tasks read LMDB, through read-only
+    transactions of their own."""
 
     def __init__(self, store: Store, workers: int | None = None) -> None:
         self.store = store
@@ -157,23 +158,14 @@ class Pipeline:
 
     # -- read-back --------------------------------------------------------------------------
 
-    def decode_async(
-        self, items: Sequence[tuple[bytes, bytes]]
-    ) -> Future[list[bytes | CorruptObject]]:
-        """Decode in the pool. An item that fails verification comes back as its
-        CorruptObject, so one bad chunk spoils only the reads that need it."""
-        decode = self.store.codec.decode
-
-        def work() -> list[bytes | CorruptObject]:
-            out: list[bytes | CorruptObject] = []
-            for d, v in items:
-                try:
-                    out.append(decode(d, v))
-                except CorruptObject as exc:
-                    out.append(exc)
-            return out
-
-        return self._pool.submit(work)
+    def read_async(self, digests: Sequence[bytes]) -> Future[list[bytes | CorruptObject | None]]:
+        """Objects' plain bytes, read from the store's map and verified in the pool
+        (:meth:`Store.read_committed`), one share per core: the calling thread neither
+        copies nor decodes them. None for an object only the owner thread can load."""
+        read = self.store.read_committed
+        step = -(-len(digests) // max(1, min(self.workers, len(digests))))
+        parts = [digests[i : i + step] for i in range(0, len(digests), step)]
+        return _gather([self._pool.submit(read, part) for part in parts])
 
     def decode_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
         """Decode (digest, stored value) pairs, verifying each, on all cores."""

@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,9 +34,9 @@ import lmdb
 from casfs.errors import CasfsError, CorruptObject, NoSpace, StoreError
 from casfs.store import layout
 from casfs.store.chunker import DEFAULT_AVG, ChunkParams, require_compiled_chunker
-from casfs.store.codec import Codec
+from casfs.store.codec import Codec, digest_of
 from casfs.store.lock import WriterLock
-from casfs.store.memory import MappedFile, tune_malloc
+from casfs.store.memory import MappedFile, MapUsers, tune_malloc
 from casfs.store.packs import Packer, packable
 
 T = TypeVar("T")
@@ -261,6 +261,7 @@ class Store:
     def __init__(self, path: str, *, writer: bool = True) -> None:
         require_compiled_chunker()
         tune_malloc()
+        self.map_users = MapUsers()  # other threads reading the map (read_committed)
         self.path = os.path.abspath(path)
         info = read_marker(self.path)
         self.uuid: str = info.get("uuid", "")
@@ -440,8 +441,9 @@ class Store:
             except CasfsError as exc:  # the commits before are safe; only the reuse waits
                 log.warning("store %s: could not commit once more at close: %s", self.path, exc)
         if env is not None:
-            env.close()
-            self.env = None
+            with self.map_users.exclusive():
+                env.close()
+                self.env = None
         if getattr(self, "_committer", None) is not None:
             self._committer.shutdown()
             self._committer = None
@@ -460,7 +462,8 @@ class Store:
             txn = self.env.begin(write=write, parent=parent.txn if parent else None)
         except lmdb.MapResizedError:
             # Another process grew the map: adopt its size and try again.
-            self.env.set_mapsize(0)
+            with self.map_users.exclusive():
+                self.env.set_mapsize(0)
             txn = self.env.begin(write=write, parent=parent.txn if parent else None)
         return Tx(txn, self.dbs, write, parent, self.packer)
 
@@ -688,7 +691,8 @@ class Store:
             if reopen:
                 self.commit_batch(durable=False)
             size = self.env.info()["map_size"]
-            self.env.set_mapsize(size * 2)
+            with self.map_users.exclusive():
+                self.env.set_mapsize(size * 2)
         finally:
             if reopen and self._batch is None:
                 self.begin_batch()
@@ -848,6 +852,52 @@ class Store:
         size = layout.read_ref_value(ref)[1]
         header = layout.object_header(at[2], layout.CODEC_RAW)
         return header + self.packer.read(tx, digest, at, size)
+
+    def read_committed(self, digests: Sequence[bytes]) -> list[bytes | CorruptObject | None]:
+        """Plain bytes of objects as last committed, each verified, from any thread (the
+        pipeline's): a read-only transaction of that thread's own reads each value where it
+        lies in LMDB's map and decodes it from there, with no copy of the stored value first
+        (the owner thread's transactions copy every value they return), then unmaps its
+        pages (:meth:`MappedFile.release`). None for an object it cannot see: not committed
+        yet (in the open batch) or not in the store; the caller then loads it on the owner
+        thread. A corrupt object comes back as its error."""
+        with self.map_users.shared():
+            env = self.env
+            if env is None:
+                return [None] * len(digests)
+            try:
+                txn = env.begin(buffers=True)
+            except lmdb.Error:  # e.g. another process grew the map: the owner adopts it
+                return [None] * len(digests)
+            try:
+                tx = Tx(txn, self.dbs, False, None, self.packer)
+                out: list[bytes | CorruptObject | None] = []
+                read: list[memoryview] = []
+                for digest in digests:
+                    try:
+                        value = tx.get(b"objects", digest)  # a view into the map
+                        if value is None:
+                            out.append(self._packed_committed(tx, digest))
+                        else:
+                            read.append(value)
+                            out.append(self.codec.decode(digest, value))
+                    except CorruptObject as exc:
+                        out.append(exc)
+                self.mapped.release(read)
+                self.mapped.touched()  # B-tree pages (no map change can run meanwhile)
+                return out
+            finally:
+                txn.abort()
+
+    def _packed_committed(self, tx: Tx, digest: bytes) -> bytes | None:
+        ref = tx.get(b"refs", digest)
+        at = layout.read_packed_at(ref) if ref is not None else None
+        if at is None or at[0] == 0:  # missing, or packed at the open batch's commit
+            return None
+        plain = self.packer.read(tx, digest, at, layout.read_ref_value(ref)[1])
+        if digest_of(plain) != digest:
+            raise CorruptObject(digest, "content does not match its digest")
+        return plain
 
     def object_info(self, tx: Tx, digest: bytes) -> tuple[int, int]:
         """(kind, stored bytes) of an object. A packed object accounts for its share of its

@@ -139,16 +139,17 @@ class Content:
     # -- read -------------------------------------------------------------------------------
 
     def _chunks(self, tx: Tx, extents: list[Extent]) -> list[bytes]:
-        """Plain bytes of each extent's chunk (cache, read-ahead, or decoded now)."""
+        """Plain bytes of each extent's chunk (cache, read-ahead, or read now)."""
         job = ReadJob(self, extents)
         job.plan(tx)
-        job.resolve()
+        job.finish(tx)
         job.remember()
         return [job.plain[e.digest] for e in extents]
 
-    def _read_ahead(self, tx: Tx, ino: int, offset: int, end: int, source: ExtentSource) -> None:
-        """On sequential reads, start decoding the next READ_AHEAD bytes in the pool, so the
-        caller's thread assembles this read while other cores decode the next."""
+    def _read_ahead(self, ino: int, offset: int, end: int, source: ExtentSource) -> None:
+        """On sequential reads, start reading and decoding the next READ_AHEAD bytes in the
+        pool, so that the caller's thread assembles this read while other cores prepare the
+        next."""
         if self._last_end.pop(ino, None) != offset:
             self._last_end[ino] = end
             return
@@ -157,13 +158,16 @@ class Content:
             self._last_end.clear()
         if len(self._inflight) > 512:  # abandoned read-ahead: let it go
             self._inflight.clear()
-        items = []
-        for e in source(end, end + READ_AHEAD):
-            if e.digest not in self._inflight and self.cache.get(e.digest) is None:
-                items.append((e.digest, self.store.load_value(tx, e.digest)))
-        if items:
-            future = self.pipeline.decode_async(items)
-            for index, (digest, _) in enumerate(items):
+        wanted = list(
+            dict.fromkeys(
+                e.digest
+                for e in source(end, end + READ_AHEAD)
+                if e.digest not in self._inflight and self.cache.get(e.digest) is None
+            )
+        )
+        if wanted:
+            future = self.pipeline.read_async(wanted)
+            for index, digest in enumerate(wanted):
                 self._inflight[digest] = (future, index)
 
     def read_job(
@@ -175,9 +179,11 @@ class Content:
         length: int,
         extents: list[Extent] | None = None,
     ) -> ReadJob:
-        """Plan a read (on the store's thread); ``job.assemble()`` may then run anywhere.
-        The extents are the live file's, or the given list (a snapshot's file, with ``ino``
-        its mount's inode number)."""
+        """Plan a read (on the store's thread): the pool reads and decodes what it needs
+        (``job.futures()`` to wait for), then ``job.finish(tx)`` on the store's thread and
+        ``job.assemble()`` anywhere, or ``job.complete(tx)`` for all of it. The extents are the
+        live file's, or the given list (a snapshot's file, with ``ino`` its mount's inode
+        number)."""
 
         def source(start: int, stop: int) -> list[Extent]:
             if extents is None:
@@ -188,14 +194,11 @@ class Content:
         job = ReadJob(self, source(offset, end) if offset < end else [], offset, end)
         job.plan(tx)
         if offset < end:
-            self._read_ahead(tx, ino, offset, end, source)
+            self._read_ahead(ino, offset, end, source)
         return job
 
     def read(self, tx: Tx, ino: int, size: int, offset: int, length: int) -> bytes:
-        job = self.read_job(tx, ino, size, offset, length)
-        data = job.assemble()
-        job.remember()
-        return data
+        return self.read_job(tx, ino, size, offset, length).complete(tx)
 
     # -- removing ---------------------------------------------------------------------------
 
@@ -211,9 +214,11 @@ class Content:
 
 
 class ReadJob:
-    """The chunks a read needs: planned on the store's thread (``plan``), decoded and joined
-    anywhere (``assemble``; decoding verifies every digest), and put in the chunk cache back
-    on the store's thread (``remember``)."""
+    """The chunks a read needs: planned on the store's thread (``plan``: from the chunk cache,
+    the read-ahead, or a new task in the pool), waited for (``futures``), completed on
+    the store's thread (``finish``: what the pool could not see, chunks of the open batch, is
+    loaded there), joined anywhere (``assemble``) and put in the chunk cache back on the
+    store's thread (``remember``)."""
 
     def __init__(
         self, content: Content, extents: list[Extent], offset: int = 0, end: int = 0
@@ -223,15 +228,15 @@ class ReadJob:
         self.offset = offset
         self.end = end
         self.plain: dict[bytes, bytes] = {}
-        self.values: dict[bytes, bytes] = {}
-        self.pending: dict[bytes, tuple[Future[list[bytes]], int]] = {}
+        self.pending: dict[bytes, tuple[Future[list[bytes | CorruptObject | None]], int]] = {}
         self.fresh: list[bytes] = []
 
     def plan(self, tx: Tx) -> None:
         c = self.content
+        wanted: dict[bytes, None] = {}  # (ordered, no repeats)
         for e in self.extents:
             d = e.digest
-            if d in self.plain or d in self.values or d in self.pending:
+            if d in self.plain or d in self.pending or d in wanted:
                 continue
             data = c.cache.get(d)
             if data is not None:
@@ -239,29 +244,43 @@ class ReadJob:
             elif d in c._inflight:
                 self.pending[d] = c._inflight.pop(d)
             else:
-                self.values[d] = c.store.load_value(tx, d)
+                wanted[d] = None
+        if wanted:
+            future = c.pipeline.read_async(list(wanted))
+            for index, d in enumerate(wanted):
+                self.pending[d] = (future, index)
 
     @property
     def ready(self) -> bool:
-        """True when assembling needs no decoding: cheap enough for the store's thread."""
-        return not self.values and all(f.done() for f, _ in self.pending.values())
+        """True when finishing waits for nothing."""
+        return all(f.done() for f, _ in self.pending.values())
 
-    def resolve(self) -> None:
+    def futures(self) -> list[Future]:
+        return list({id(f): f for f, _ in self.pending.values()}.values())
+
+    def finish(self, tx: Tx) -> None:
+        """Take the pool's results (waiting for them if need be); load and decode here what
+        it could not see. Raises CorruptObject for a chunk that does not verify."""
+        store = self.content.store
         for d, (future, index) in self.pending.items():
             got = future.result()[index]
-            if isinstance(got, CorruptObject):
+            if got is None:  # in the open batch (or gone): the owner's transaction sees it
+                got = store.codec.decode(d, store.load_value(tx, d))
+            elif isinstance(got, CorruptObject):
                 raise got
             self.plain[d] = got
         self.fresh.extend(self.pending)
         self.pending = {}
-        if self.values:
-            decoded = self.content.pipeline.decode_many(list(self.values.items()))
-            self.plain.update(zip(self.values, decoded, strict=True))
-            self.fresh.extend(self.values)
-            self.values = {}
+
+    def complete(self, tx: Tx) -> bytes:
+        """The read's bytes, from planned to remembered, on the store's thread."""
+        self.finish(tx)
+        data = self.assemble()
+        self.remember()
+        return data
 
     def assemble(self) -> bytes:
-        self.resolve()
+        assert not self.pending, "finish() first"
         parts: list[bytes | memoryview] = []
         pos = self.offset
         for e in self.extents:

@@ -1,0 +1,134 @@
+"""Reading content in the pool (Store.read_committed): what the pool cannot see is loaded by
+the owner thread, a corrupt chunk is an error, the map is never resized under a reader, and
+values read through the map do not stay mapped."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from conftest import flip_byte, mapped_kib
+
+from casfs.errors import CorruptObject
+from casfs.store import memory
+from casfs.store.codec import digest_of
+from casfs.tree.fs import ROOT_INO, Filesystem
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def fs(tmp_path):
+    store = Filesystem.create_store(str(tmp_path / "s"))
+    f = Filesystem(store, cache_bytes=0)  # no chunk cache: every read goes to the store
+    yield f
+    f.close()
+    store.close()
+
+
+def chunk_digests(fs: Filesystem, ino: int) -> list[bytes]:
+    with fs.store.read() as tx:
+        return [e.digest for e in fs.content.extents(tx, ino)]
+
+
+def test_what_the_pool_cannot_see_is_read_by_the_owner(fs):
+    """A batch's chunks are not committed: the pool's own transactions do not see them (None)
+    and the owner's transaction, which does, reads them instead."""
+    store = fs.store
+    data = os.urandom(3 * MiB) + b"text " * 200_000  # large raw chunks and packed small ones
+    ino = fs.create(ROOT_INO, b"f", 0o644, 0, 0).ino
+    store.begin_batch()
+    try:
+        fs.write(ino, 0, data)
+        digests = chunk_digests(fs, ino)
+        assert store.read_committed(digests) == [None] * len(digests)
+        assert fs.read(ino, 0, len(data)) == data
+    finally:
+        store.commit_batch()
+    for got, digest in zip(store.read_committed(digests), digests, strict=True):
+        assert isinstance(got, bytes) and digest_of(got) == digest
+    assert fs.read(ino, 0, len(data)) == data
+    assert fs.read(ino, 12345, 2 * MiB) == data[12345 : 12345 + 2 * MiB]
+
+
+def test_a_corrupt_chunk_read_in_the_pool_is_an_error(fs, tmp_path):
+    data = os.urandom(2 * MiB)
+    ino = fs.create(ROOT_INO, b"f", 0o644, 0, 0).ino
+    fs.write(ino, 0, data)
+    store = fs.store
+    with store.read() as tx:
+        first = fs.content.extents(tx, ino)[0]
+    digest = first.digest
+    flip_byte(tmp_path / "s" / "data.mdb", data[first.offset : first.end])
+    [got] = store.read_committed([digest])
+    assert isinstance(got, CorruptObject) and digest.hex() in str(got)
+    with pytest.raises(CorruptObject):
+        fs.read(ino, 0, MiB)
+
+
+def test_the_map_is_not_resized_while_the_pool_reads(fs):
+    """Growing the map remaps the file: it waits for readers in other threads, and those
+    wait for it; reads go on correct while the map keeps growing."""
+    store = fs.store
+    data = os.urandom(4 * MiB)
+    ino = fs.create(ROOT_INO, b"f", 0o644, 0, 0).ino
+    fs.write(ino, 0, data)
+    grown = threading.Event()
+    with store.map_users.shared():
+        t = threading.Thread(target=lambda: (store._grow(), grown.set()))
+        t.start()
+        assert not grown.wait(0.3), "the map grew under a reader"
+    t.join(10)
+    assert grown.is_set()
+
+    digests = chunk_digests(fs, ino)
+    stop = time.monotonic() + 2
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while time.monotonic() < stop:
+                got = store.read_committed(digests)
+                assert all(digest_of(g) == d for g, d in zip(got, digests, strict=True))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    size = store.env.info()["map_size"]
+    for _ in range(4):
+        store._grow()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert store.env.info()["map_size"] == 16 * size
+    assert fs.read(ino, 0, len(data)) == data
+
+
+def test_values_read_in_the_pool_do_not_stay_mapped(fs, tmp_path, monkeypatch):
+    """Each value read through the map is unmapped after use (what stays mapped is the
+    folios around the B-tree pages looked up), without the sweep of the whole map that
+    MappedFile.unmap does."""
+    store = fs.store
+    data = os.urandom(48 * MiB)
+    ino = fs.create(ROOT_INO, b"f", 0o644, 0, 0).ino
+    fs.write(ino, 0, data)
+    digests = chunk_digests(fs, ino)
+    sweeps = []
+    monkeypatch.setattr(store.mapped, "unmap", lambda: sweeps.append(1) or 0)
+    data_file = str(tmp_path / "s" / "data.mdb")
+    mapped = {}
+    for releasing in (True, False):
+        if not releasing:
+            monkeypatch.setattr(store.mapped, "release", lambda views: None)
+        memory.MappedFile.unmap(store.mapped)
+        for i in range(0, len(digests), 16):
+            assert None not in store.read_committed(digests[i : i + 16])
+        mapped[releasing] = mapped_kib(data_file)
+        if releasing:
+            assert not sweeps, "the whole map was swept while values were released"
+    assert mapped[False] > 32 << 10, f"(the test reads nothing through the map: {mapped})"
+    assert mapped[True] < mapped[False] * 3 // 4, f"the values read stayed mapped: {mapped}"
