@@ -162,17 +162,12 @@ class Pipeline:
         """Objects' plain bytes, read from the store's map and verified in the pool
         (:meth:`Store.read_committed`), one share per core: the calling thread neither
         copies nor decodes them. None for an object only the owner thread can load."""
+        if not digests:
+            return _done([])
         read = self.store.read_committed
-        step = -(-len(digests) // max(1, min(self.workers, len(digests))))
+        step = -(-len(digests) // min(self.workers, len(digests)))
         parts = [digests[i : i + step] for i in range(0, len(digests), step)]
         return _gather([self._pool.submit(read, part) for part in parts])
-
-    def decode_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
-        """Decode (digest, stored value) pairs, verifying each, on all cores."""
-        decode = self.store.codec.decode
-        return self._spread(
-            lambda part: [decode(d, v) for d, v in part], items, sum(len(v) for _, v in items)
-        )
 
 
 def _hash(part: Sequence[tuple[int, memoryview]]) -> list[Piece]:

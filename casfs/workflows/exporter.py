@@ -31,9 +31,11 @@ Why one read transaction
     began, never half of it. The store may be opened read-only (beside a mount); nothing here
     writes to it.
 
-Chunks are decoded and verified on all cores (:meth:`Pipeline.decode_many`) in batches of
+Chunks are read and verified on all cores (:meth:`Pipeline.read_async`) in batches of
 about ``BATCH_BYTES``, across files, so memory stays bounded and small files still keep every
-core busy. A chunk that fails its digest check stops the export with
+core busy; the pool reads the next batch while this thread writes one. (The pool's reads see
+the store as last committed; a chunk deleted since the export began is read through the
+export's own transaction instead.) A chunk that fails its digest check stops the export with
 :class:`~casfs.errors.CorruptObject`, naming the digest and the file.
 
 Destination rules: ``dest`` is the path the exported directory or file gets. A directory
@@ -54,6 +56,7 @@ import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -180,10 +183,12 @@ class _File:
 
 @dataclass
 class _Batch:
-    values: dict[bytes, bytes] = field(default_factory=dict)  # digest -> stored value
+    digests: dict[bytes, None] = field(default_factory=dict)  # the chunks, in order
     writes: list[tuple[_File, Extent]] = field(default_factory=list)
     ready: list[_File] = field(default_factory=list)  # every chunk queued: finish after writing
     size: int = 0
+    partial: _File | None = None  # a file still being queued when the batch was cut
+    reading: Future[list[bytes | CorruptObject | None]] | None = None
 
 
 class _Exporter:
@@ -198,6 +203,7 @@ class _Exporter:
         self.privileged = os.geteuid() == 0
         self.links: dict[int, bytes] = {}  # snapshot ino -> the first name written
         self.batch = _Batch()
+        self.waiting: _Batch | None = None  # read in the pool, written at the next flush
         self.open: dict[int, _File] = {}  # fd -> file, to close them all on failure
         self.done = 0
         self.files = self.dirs = self.bytes = 0
@@ -225,6 +231,8 @@ class _Exporter:
                 else:
                     self._make_node(dest, rel, e, may_exist)
         self._flush()
+        self._write(self.waiting)
+        self.waiting = None
         for dest, rel, e in reversed(dirs):
             with self._failing(dest, rel):
                 self._set_attributes(dest, e)
@@ -306,10 +314,9 @@ class _Exporter:
         for x in extents:
             if x.end > e.size:
                 raise CorruptObject(x.digest, f"extent at {x.offset} ends past the file's size")
-            if x.digest not in batch.values:
-                value = self.store.load_value(self.tx, x.digest)
-                batch.values[x.digest] = value
-                batch.size += len(value) + x.length
+            if x.digest not in batch.digests:
+                batch.digests[x.digest] = None
+                batch.size += x.length
             batch.writes.append((f, x))
             if batch.size >= BATCH_BYTES:
                 self._flush(partial=f)
@@ -319,22 +326,37 @@ class _Exporter:
             self._flush()
 
     def _flush(self, partial: _File | None = None) -> None:
-        """Decode the batch's chunks on all cores, write them, and finish the files whose
-        chunks were all queued; ``partial`` is a file still being queued (a large one)."""
+        """Start reading the batch's chunks in the pool and write the batch read before it;
+        ``partial`` is a file still being queued (a large one)."""
         batch, self.batch = self.batch, _Batch()
-        digests = list(batch.values)
-        try:
-            decoded = self.pipeline.decode_many(list(batch.values.items()))
-            plain = dict(zip(digests, decoded, strict=True))
-        except CorruptObject as exc:
-            rel = next((f.rel for f, x in batch.writes if x.digest == exc.digest), b"?")
-            raise _in_file(exc, rel) from None
+        batch.partial = partial
+        batch.reading = self.pipeline.read_async(list(batch.digests)) if batch.digests else None
+        self._write(self.waiting)
+        self.waiting = batch
+
+    def _write(self, batch: _Batch | None) -> None:
+        """Write a batch's chunks and finish the files whose chunks were all queued."""
+        if batch is None:
+            return
+        got = batch.reading.result() if batch.reading is not None else []
+        plain: dict[bytes, bytes] = {}
+        for digest, data in zip(batch.digests, got, strict=True):
+            try:
+                if data is None:  # deleted since the export began: ours still sees it
+                    data = self.store.codec.decode(digest, self.store.load_value(self.tx, digest))
+                elif isinstance(data, CorruptObject):
+                    raise data
+            except CorruptObject as exc:
+                rel = next((f.rel for f, x in batch.writes if x.digest == exc.digest), b"?")
+                raise _in_file(exc, rel) from None
+            plain[digest] = data
         for f, x in batch.writes:
             data = plain[x.digest]
             with self._failing(f.path, f.rel):
                 if len(data) != x.length:
                     raise CorruptObject(x.digest, f"{len(data)} bytes where {x.length} expected")
                 _pwrite_all(f.fd, data, x.offset)
+        partial = batch.partial
         if partial is not None and batch.writes:
             self._report(batch.writes[-1][1].end - partial.reported, partial.rel, partial)
         for f in batch.ready:
