@@ -510,3 +510,41 @@ def test_data_file_pages_are_unmapped_as_data_goes_through(tmp_path, monkeypatch
     finally:
         fs.close()
         s.close()
+
+
+def test_cut_stream_cuts_as_one_cut_of_the_whole(tmp_path):
+    """However a stream comes in blocks (small files of one block, large ones of many, zero
+    runs), cut_stream yields exactly the chunks of one cut of the whole stream, each with
+    the digest of its bytes (none for an all-zero chunk: a hole)."""
+    import random
+
+    s = new_store(tmp_path / "s")
+    pipeline = Pipeline(s)
+    rng = random.Random(7)
+    p = s.params
+    sizes = [0, 1, 100, p.min - 1, p.min, p.min + 1, p.max - 1, p.max, p.max + 1, 3 * p.max]
+    sizes += [rng.randrange(1, 6 * p.max) for _ in range(12)]
+    try:
+        for size in sizes:
+            data = bytearray(rng.randbytes(size))
+            if size > 4 * p.min:  # a run of zeros somewhere: a hole if a whole chunk
+                at = rng.randrange(size - 2 * p.min)
+                data[at : at + 2 * p.min + p.max] = bytes(len(data[at : at + 2 * p.min + p.max]))
+            data = bytes(data)
+            want, pos = [], 0
+            for n in pipeline.chunker.cut(data):
+                chunk = data[pos : pos + n]
+                want.append((pos, n, None if not chunk.strip(b"\0") else digest_of(chunk)))
+                pos += n
+            for _ in range(3):
+                cuts = sorted(rng.randrange(size + 1) for _ in range(rng.randrange(4)))
+                blocks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, size], strict=True)]
+                got = [
+                    (piece.offset, piece.length, piece.digest)
+                    for piece, chunk in pipeline.cut_stream(iter(b for b in blocks if b))
+                    if bytes(chunk) == data[piece.offset : piece.offset + piece.length]
+                ]
+                assert got == want, (size, cuts)
+    finally:
+        pipeline.close()
+        s.close()

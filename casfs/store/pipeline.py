@@ -135,14 +135,18 @@ class Pipeline:
         would cut them: a chunk is taken before the end only once no later byte can move its
         end (cut points depend only on the bytes before them, within ``max``). Yields
         (piece, bytes) block by block, so a caller may act between blocks."""
-        max_chunk = self.store.params.max
+        max_chunk, one_chunk = self.store.params.max, self.store.params.min
         carry = b""
         base = 0
         for block in itertools.chain(blocks, [b""]):
             buf = carry + block if carry else block
             if not buf:
                 return
-            lengths = self.chunker.cut(buf)
+            if block and len(buf) < max_chunk:  # no chunk can be settled yet: read on
+                carry = buf
+                continue
+            # FastCDC never cuts before ``min`` bytes: a stream that short is one chunk
+            lengths = [len(buf)] if len(buf) <= one_chunk else self.chunker.cut(buf)
             if block:
                 spans = settled(base, lengths, len(buf), max_chunk)
             else:
