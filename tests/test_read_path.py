@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import flip_byte, mapped_kib
+from conftest import CasfsMount, flip_byte, mapped_kib
 
 from casfs.errors import CorruptObject
 from casfs.store import memory
@@ -132,3 +132,17 @@ def test_values_read_in_the_pool_do_not_stay_mapped(fs, tmp_path, monkeypatch):
             assert not sweeps, "the whole map was swept while values were released"
     assert mapped[False] > 32 << 10, f"(the test reads nothing through the map: {mapped})"
     assert mapped[True] < mapped[False] * 3 // 4, f"the values read stayed mapped: {mapped}"
+
+
+def test_data_not_yet_committed_reads_back_through_the_mount(mounted: CasfsMount):
+    """Written and closed, not yet committed (the batch commits every second): the kernel's
+    copy dropped, reads come to the daemon, whose pool cannot see the batch; the mount's
+    thread loads those chunks instead."""
+    for i in range(3):
+        data = os.urandom(8 * MiB) + b"text " * 200_000
+        path = mounted.mnt / f"f{i}"
+        path.write_bytes(data)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        assert path.read_bytes() == data
+    mounted.umount()

@@ -413,8 +413,11 @@ class CasfsOperations(pyfuse3.Operations):
         serves other requests."""
         for future in job.futures():
             await wait_future(future)
-        with self.store.read() as tx:
-            job.finish(tx)
+        if job.needs_store:  # (else no wait for a commit in progress)
+            with self.store.read() as tx:
+                job.finish(tx)
+        else:
+            job.finish(None)
         data = job.assemble()
         job.remember()
         return data

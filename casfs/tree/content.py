@@ -258,13 +258,21 @@ class ReadJob:
     def futures(self) -> list[Future]:
         return list({id(f): f for f, _ in self.pending.values()}.values())
 
-    def finish(self, tx: Tx) -> None:
-        """Take the pool's results (waiting for them if need be); load and decode here what
-        it could not see. Raises CorruptObject for a chunk that does not verify."""
+    @property
+    def needs_store(self) -> bool:
+        """True when finishing must load something the pool could not see (the pool's work
+        done): only then does :meth:`finish` need a transaction."""
+        return any(f.result()[i] is None for f, i in self.pending.values())
+
+    def finish(self, tx: Tx | None) -> None:
+        """Take the pool's results (waiting for them if need be); load and decode here, in
+        ``tx`` (the store's thread's), what it could not see. Raises CorruptObject for a
+        chunk that does not verify."""
         store = self.content.store
         for d, (future, index) in self.pending.items():
             got = future.result()[index]
             if got is None:  # in the open batch (or gone): the owner's transaction sees it
+                assert tx is not None, "needs_store: finish in a transaction"
                 got = store.codec.decode(d, store.load_value(tx, d))
             elif isinstance(got, CorruptObject):
                 raise got
