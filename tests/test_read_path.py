@@ -14,6 +14,7 @@ from conftest import CasfsMount, flip_byte, mapped_kib
 from casfs.errors import CorruptObject
 from casfs.store import memory
 from casfs.store.codec import digest_of
+from casfs.tree.content import ReadRaced
 from casfs.tree.fs import ROOT_INO, Filesystem
 
 MiB = 1 << 20
@@ -146,3 +147,27 @@ def test_data_not_yet_committed_reads_back_through_the_mount(mounted: CasfsMount
             f.write("1\n")
         assert path.read_bytes() == data
     mounted.umount()
+
+
+def test_a_chunk_gone_before_the_read_finishes_asks_for_a_new_plan(fs):
+    """The mount plans a read, waits for the pool, then finishes in a later transaction; a
+    rollback in between may have replaced the file (it takes no inode lock). A planned
+    chunk that the pool could not see and the store no longer has is ReadRaced (the mount
+    plans again), never a corruption report."""
+    store = fs.store
+    data = os.urandom(2 * MiB)
+    ino = fs.create(ROOT_INO, b"f", 0o644, 0, 0).ino
+    store.begin_batch()
+    try:
+        fs.write(ino, 0, data)  # in the batch: the pool cannot see these chunks
+        with store.read() as tx:
+            job = fs.content.read_job(tx, ino, len(data), 0, len(data))
+        for future in job.futures():
+            future.result()
+        assert job.needs_store
+        fs.setattr(ino, size=0)  # the chunks go
+        with store.read() as tx, pytest.raises(ReadRaced):
+            job.finish(tx)
+    finally:
+        store.commit_batch()
+    assert fs.read(ino, 0, MiB) == b""

@@ -8,6 +8,7 @@ request loop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -28,12 +29,15 @@ from casfs.fuse.snapview import SNAPDIR_INO, Lru, SnapView, is_snapshot_ino, sna
 from casfs.fuse.writeback import WriteBuffers
 from casfs.store.store import Store
 from casfs.tree import identity
-from casfs.tree.content import ReadJob
+from casfs.tree.content import ReadJob, ReadRaced
 from casfs.tree.fs import ROOT_INO, SNAPDIR_NAME, Filesystem
 from casfs.tree.records import Inode
 from casfs.tree.whereused import where_used
 
 log = logging.getLogger(__name__)
+# Plans of one read: a rollback or restore may replace the file between planning a read and
+# finishing it (see ReadRaced).
+READ_ATTEMPTS = 3
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -386,20 +390,26 @@ class CasfsOperations(pyfuse3.Operations):
         if is_snapshot_ino(ino):
             return await self._read_snapshot_file(ino, off, size)
         async with self.locks(ino):
-            node = self.fs.getattr(ino)
-            dirty = self.buffers.get(ino)
-            length = min(size, max(node.size, dirty.end if dirty else 0) - off)
-            if length <= 0:
-                return b""
-            with self.store.read() as tx:
-                job = self.fs.content.read_job(tx, ino, node.size, off, length)
-            data = await self._finish_read(job)
-            if dirty is None:
-                return data
-            out = bytearray(data)
-            out.extend(bytes(length - len(out)))  # buffered bytes past the stored end
-            dirty.overlay(off, out)
-            return bytes(out)
+            for _ in range(READ_ATTEMPTS - 1):
+                with contextlib.suppress(ReadRaced):  # the file was replaced: plan again
+                    return await self._read_live(ino, off, size)
+            return await self._read_live(ino, off, size)
+
+    async def _read_live(self, ino: int, off: int, size: int) -> bytes:
+        node = self.fs.getattr(ino)
+        dirty = self.buffers.get(ino)
+        length = min(size, max(node.size, dirty.end if dirty else 0) - off)
+        if length <= 0:
+            return b""
+        with self.store.read() as tx:
+            job = self.fs.content.read_job(tx, ino, node.size, off, length)
+        data = await self._finish_read(job)
+        if dirty is None:
+            return data
+        out = bytearray(data)
+        out.extend(bytes(length - len(out)))  # buffered bytes past the stored end
+        dirty.overlay(off, out)
+        return bytes(out)
 
     async def _read_snapshot_file(self, ino: int, off: int, size: int) -> bytes:
         entry = self.snaps.node(ino).entry

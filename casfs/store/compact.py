@@ -108,8 +108,9 @@ def compact(path: str, progress: ProgressFn | None = None) -> CompactResult:
             before = _disk_bytes(data)
             census = _copy(store, tmp, progress)
             _verify(os.path.join(tmp, DATA_FILE), census, path)
-            store.env.close()  # no mapping of the old file may outlive the rename
-            store.env = None
+            with store.map_users.exclusive():  # no mapping of the old file may outlive the rename
+                store.env.close()
+                store.env = None
             _swap(path, tmp, census)
             _remove_temp(tmp, quiet=True)  # now empty; a later compaction removes it if need be
             _fsync_dir(path)

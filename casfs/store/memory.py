@@ -229,6 +229,8 @@ class MapUsers:
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         with self._cond:
+            while self._changing:  # (one change at a time)
+                self._cond.wait()
             self._changing = True
             while self._readers:
                 self._cond.wait()

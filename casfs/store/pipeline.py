@@ -46,6 +46,7 @@ def settled(base: int, lengths: list[int], size: int, max_chunk: int) -> list[tu
 
 # Work smaller than this runs on the calling thread: a thread hop costs more.
 SPREAD_MIN_BYTES = 256 << 10
+READ_THREADS_MAX = 8  # (of 256 LMDB reader slots, shared by the store's processes)
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -69,6 +70,11 @@ class Pipeline:
         self.chunker = Chunker(store.params)
         self.workers = workers or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="casfs-codec")
+        # Reads have threads of their own, so a read never waits behind queued compression
+        # (a truncate's head chunk on the mount's thread, say); each holds an LMDB reader
+        # slot while it reads, and the slots are shared by every process of the store.
+        self.read_threads = min(self.workers, READ_THREADS_MAX)
+        self._reads = ThreadPoolExecutor(self.read_threads, thread_name_prefix="casfs-read")
         # The store's packs compress in this pool while it is open (the first pipeline's).
         self._packs = store.packer.submit is None
         if self._packs:
@@ -78,6 +84,7 @@ class Pipeline:
         if self._packs:
             self.store.packer.submit = None
         self._pool.shutdown(wait=True)  # packs already submitted are finished first
+        self._reads.shutdown(wait=True)
 
     def _shares(self, items: Sequence[T], weight: int) -> list[Sequence[T]]:
         """``items`` cut into one share per core, or one share when the work (``weight``
@@ -143,7 +150,7 @@ class Pipeline:
             if not buf:
                 return
             if block and len(buf) < max_chunk:  # no chunk can be settled yet: read on
-                carry = buf
+                carry = bytes(buf)  # (no copy of a bytes block)
                 continue
             # FastCDC never cuts before ``min`` bytes: a stream that short is one chunk
             lengths = [len(buf)] if len(buf) <= one_chunk else self.chunker.cut(buf)
@@ -163,15 +170,16 @@ class Pipeline:
     # -- read-back --------------------------------------------------------------------------
 
     def read_async(self, digests: Sequence[bytes]) -> Future[list[bytes | CorruptObject | None]]:
-        """Objects' plain bytes, read from the store's map and verified in the pool
-        (:meth:`Store.read_committed`), one share per core: the calling thread neither
-        copies nor decodes them. None for an object only the owner thread can load."""
+        """Objects' plain bytes, read from the store's map and verified by the read threads
+        (:meth:`Store.read_committed`), one share per thread: the calling thread neither
+        copies nor decodes them. None for an object only the owner thread can load. (A read
+        thread must not wait on this: it could wait for itself.)"""
         if not digests:
             return _done([])
         read = self.store.read_committed
-        step = -(-len(digests) // min(self.workers, len(digests)))
+        step = -(-len(digests) // min(self.read_threads, len(digests)))
         parts = [digests[i : i + step] for i in range(0, len(digests), step)]
-        return _gather([self._pool.submit(read, part) for part in parts])
+        return _gather([self._reads.submit(read, part) for part in parts])
 
 
 def _hash(part: Sequence[tuple[int, memoryview]]) -> list[Piece]:

@@ -7,12 +7,13 @@ Writing is :mod:`casfs.tree.writer`'s job.
 from __future__ import annotations
 
 import bisect
+import errno
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from casfs.errors import CorruptObject
+from casfs.errors import CasfsError, CorruptObject
 from casfs.store import layout
 from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store, Tx
@@ -146,7 +147,9 @@ class Content:
         job.remember()
         return [job.plain[e.digest] for e in extents]
 
-    def _read_ahead(self, ino: int, offset: int, end: int, source: ExtentSource) -> None:
+    def _read_ahead(
+        self, ino: int, offset: int, end: int, source: ExtentSource, job: ReadJob
+    ) -> None:
         """On sequential reads, start reading and decoding the next READ_AHEAD bytes in the
         pool, so that the caller's thread assembles this read while other cores prepare the
         next."""
@@ -162,7 +165,10 @@ class Content:
             dict.fromkeys(
                 e.digest
                 for e in source(end, end + READ_AHEAD)
-                if e.digest not in self._inflight and self.cache.get(e.digest) is None
+                if e.digest not in self._inflight
+                and e.digest not in job.pending  # (the chunk that straddles ``end``)
+                and e.digest not in job.plain
+                and self.cache.get(e.digest) is None
             )
         )
         if wanted:
@@ -194,7 +200,7 @@ class Content:
         job = ReadJob(self, source(offset, end) if offset < end else [], offset, end)
         job.plan(tx)
         if offset < end:
-            self._read_ahead(ino, offset, end, source)
+            self._read_ahead(ino, offset, end, source, job)
         return job
 
     def read(self, tx: Tx, ino: int, size: int, offset: int, length: int) -> bytes:
@@ -211,6 +217,16 @@ class Content:
             tx.delete(b"extents", layout.extent_key(ino, e.offset))
             self.store.drop_ref(tx, e.digest)
         return sum(e.length for e in extents)
+
+
+class ReadRaced(CasfsError):
+    """A chunk a read planned is gone when the read finishes in a later transaction: the
+    file changed in between (a rollback or restore replaces files without their inode
+    locks). The caller plans the read again."""
+
+    def __init__(self, digest: bytes) -> None:
+        super().__init__(f"chunk {digest.hex()} went away during the read", errno.EIO)
+        self.digest = digest
 
 
 class ReadJob:
@@ -250,11 +266,6 @@ class ReadJob:
             for index, d in enumerate(wanted):
                 self.pending[d] = (future, index)
 
-    @property
-    def ready(self) -> bool:
-        """True when finishing waits for nothing."""
-        return all(f.done() for f, _ in self.pending.values())
-
     def futures(self) -> list[Future]:
         return list({id(f): f for f, _ in self.pending.values()}.values())
 
@@ -273,6 +284,8 @@ class ReadJob:
             got = future.result()[index]
             if got is None:  # in the open batch (or gone): the owner's transaction sees it
                 assert tx is not None, "needs_store: finish in a transaction"
+                if not store.has_object(tx, d):
+                    raise ReadRaced(d)
                 got = store.codec.decode(d, store.load_value(tx, d))
             elif isinstance(got, CorruptObject):
                 raise got

@@ -67,9 +67,11 @@ from casfs.tree import restore, snapshots, treeobjects
 from casfs.tree.content import Extent
 from casfs.tree.treeobjects import Entry
 
-# Stored plus decoded bytes held before a batch of chunks is decoded and written.
+# Plain bytes of a batch of chunks, read in the pool while the batch before it is written:
+# about twice this is held at once.
 BATCH_BYTES = 16 << 20
-# Files kept open while their chunks wait in a batch (bounds the descriptors in use).
+# Files kept open while their chunks wait in a batch (with the batch being written, at most
+# twice this many descriptors are in use).
 BATCH_FILES = 256
 # xattr namespaces only a privileged process may set.
 _PRIVILEGED_XATTRS = (b"trusted.", b"security.")
