@@ -139,14 +139,16 @@ class Casfs:
         one_file_system: bool = False,
         exclude: Sequence[str] = (),
         exclude_caches: bool = False,
+        exclude_if_present: Sequence[str] = (),
         progress: Callable[[Progress], None] | None = None,
     ) -> ImportResult:
         """Import directory ``src`` as snapshot ``name`` (``casfs import``): incremental
         against the last import of the same ``src`` (with the same options), on all cores.
         ``exclude`` holds glob patterns of paths to leave out (see
         :mod:`casfs.workflows.selection`); ``exclude_caches`` leaves out the contents of
-        directories tagged with a CACHEDIR.TAG."""
-        selection = Selection.of(exclude, exclude_caches, one_file_system)
+        directories tagged with a CACHEDIR.TAG; ``exclude_if_present`` leaves out directories
+        holding an entry of one of those names."""
+        selection = Selection.of(exclude, exclude_caches, one_file_system, exclude_if_present)
         return importer.import_offline(
             self.store, src, _b(name), selection=selection, progress=progress
         )

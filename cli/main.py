@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-caches", action="store_true",
         help="keep only the CACHEDIR.TAG of directories tagged as caches",
     )  # fmt: skip
+    s.add_argument(
+        "--exclude-if-present", action="append", metavar="NAME",
+        help="leave out directories that hold an entry called NAME (repeatable)",
+    )  # fmt: skip
     s.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
     s.set_defaults(run=_lazy("workflows.import_command"))
 

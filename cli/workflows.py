@@ -74,7 +74,9 @@ def import_command(args: argparse.Namespace) -> int:
     patterns = list(args.exclude or [])
     for path in args.exclude_from or []:
         patterns += read_patterns(path)
-    selection = Selection.of(patterns, args.exclude_caches, args.one_file_system)
+    selection = Selection.of(
+        patterns, args.exclude_caches, args.one_file_system, args.exclude_if_present or []
+    )
     bar = Bar(args.json, "import")
     started = time.monotonic()
     try:

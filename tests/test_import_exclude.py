@@ -176,3 +176,29 @@ def test_excludes_through_the_mount(mounted: CasfsMount, tmp_path):
     assert paths_of(mounted.mnt / ".snap" / "all") == EVERYTHING
     r = casfs_cli("import", mounted.mnt, src, "-s", "bad", "-e", "!x")
     assert r.returncode == 2 and "negation is not supported" in r.stderr, r.stderr
+
+
+def test_directories_holding_a_marker_are_left_out(tmp_path, mounted: CasfsMount):
+    src = tmp_path / "src"
+    for rel in ("keep/a", "skip/.nobackup", "skip/b", "deep/x/.nobackup", "deep/y/c", "z/.hide"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(rel.encode())
+    (src / ".nobackup").mkdir()  # the source's own marker (a directory too): imported empty
+    store = tmp_path / "offline"  # (the mount's is tmp_path / "store")
+    cli_ok("init", store)
+    options = ("--exclude-if-present", ".nobackup", "--exclude-if-present", ".hide")
+    import_json(store, src / "deep", "deep", *options)
+    assert snapshot_paths(store, "deep", tmp_path) == {"y/", "y/c"}
+    import_json(store, src, "root", *options)
+    assert snapshot_paths(store, "root", tmp_path) == set()
+    (src / ".nobackup").rmdir()
+    import_json(store, src, "tagged", *options)
+    expected = {"keep/", "keep/a", "deep/", "deep/y/", "deep/y/c"}
+    assert snapshot_paths(store, "tagged", tmp_path) == expected
+    again = import_json(store, src, "again", *options)  # its own files cache, all unchanged
+    assert again["bytes_read"] == 0 and snapshot_paths(store, "again", tmp_path) == expected
+    import_json(mounted.mnt, src, "mounted", *options)
+    assert paths_of(mounted.mnt / ".snap" / "mounted") == expected
+    for bad in ("a/b", "..", ""):
+        r = casfs_cli("import", store, src, "-s", "bad", "--exclude-if-present", bad)
+        assert r.returncode == 2 and "bad --exclude-if-present" in r.stderr, r.stderr

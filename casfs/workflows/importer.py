@@ -117,9 +117,10 @@ def scan(
     each (dev, ino) has inside it."""
     root = Node(b"", b"", os.lstat(src), [])
     names: Counter[tuple[int, int]] = Counter()
-    stack = [root]
+    stack: list[tuple[Node, Node | None]] = [(root, None)]  # (directory, its parent)
+    tags = selection.tags()
     while stack:
-        node = stack.pop()
+        node, parent = stack.pop()
         path = _join(src, node.rel)
         try:  # listed through an O_NOATIME descriptor: a listing would move the atime
             fd = _open_noatime(path, os.O_DIRECTORY)
@@ -129,6 +130,11 @@ def scan(
         try:
             with os.scandir(fd) as it:
                 found = sorted((os.fsencode(d.name), d) for d in it)
+            if tags and any(name in tags for name, _ in found):
+                if parent is not None:  # (the source itself stays, empty)
+                    assert parent.children is not None
+                    parent.children.remove(node)
+                continue
             if selection.filters:
                 found = _selected(selection, node.rel, found, fd)
             listed = []
@@ -151,7 +157,7 @@ def scan(
                 if selection.one_file_system and st.st_dev != root.st.st_dev:
                     continue  # a mountpoint: kept as an empty directory
                 child.children = []
-                stack.append(child)
+                stack.append((child, node))
             elif st.st_nlink > 1:
                 names[(st.st_dev, st.st_ino)] += 1
     return root, names

@@ -10,8 +10,10 @@ know, on paths relative to the source directory with ``/`` between names:
   ``/`` changes nothing);
 * a trailing ``/`` matches directories only (``tmp/``).
 
-An excluded directory is not listed at all. ``--exclude-caches`` keeps a directory holding a
-valid ``CACHEDIR.TAG`` (https://bford.info/cachedir/) with only that file in it, as restic does.
+An excluded directory is not listed at all. ``--exclude-if-present NAME`` leaves out every
+directory that holds an entry called NAME (``.nobackup``), as borg and restic do.
+``--exclude-caches`` keeps a directory holding a valid ``CACHEDIR.TAG``
+(https://bford.info/cachedir/) with only that file in it, as restic does.
 
 The files cache (:mod:`casfs.workflows.filescache`) is kept per selection (:meth:`key`): an
 unchanged directory's tree object is reused whole, which is right only if the same entries
@@ -92,6 +94,7 @@ class Selection:
     exclude: tuple[str, ...] = ()
     exclude_caches: bool = False
     one_file_system: bool = False  # do not descend into other mounts (keep them empty)
+    exclude_if_present: tuple[str, ...] = ()  # names that mark a directory to leave out
     _by_name: tuple[re.Pattern[bytes] | None, re.Pattern[bytes] | None] = field(
         init=False, repr=False, compare=False
     )
@@ -114,6 +117,10 @@ class Selection:
                 paths[dirs_only].append(_translate(body.lstrip(b"/")))
             else:
                 names[dirs_only].append(_translate(body))
+        for tag in self.exclude_if_present:
+            if not tag or "/" in tag or tag in (".", ".."):
+                why = "a name, not a path"
+                raise CasfsError(f"bad --exclude-if-present {tag!r}: {why}", errno.EINVAL)
         object.__setattr__(self, "_by_name", tuple(_one(r) for r in names))
         object.__setattr__(self, "_by_path", tuple(_one(r) for r in paths))
 
@@ -123,13 +130,20 @@ class Selection:
         exclude: Iterable[str] = (),
         exclude_caches: bool = False,
         one_file_system: bool = False,
+        exclude_if_present: Iterable[str] = (),
     ) -> Selection:
-        return cls(tuple(exclude), bool(exclude_caches), bool(one_file_system))
+        return cls(
+            tuple(exclude), bool(exclude_caches), bool(one_file_system), tuple(exclude_if_present)
+        )
 
     @property
     def filters(self) -> bool:
         """True when some entry may be left out by a pattern or a cache tag."""
         return bool(self.exclude) or self.exclude_caches
+
+    def tags(self) -> frozenset[bytes]:
+        """The names whose presence leaves a directory out (``--exclude-if-present``)."""
+        return frozenset(os.fsencode(t) for t in self.exclude_if_present)
 
     def excluded(self, rel: bytes, name: bytes, is_dir: bool) -> bool:
         """Whether the entry ``name`` at ``rel`` (relative to the source) is left out."""
@@ -144,10 +158,11 @@ class Selection:
     def key(self) -> bytes:
         """What tells this selection from another, for the files cache; empty for a whole
         tree (the cache of an import without options keeps its old name)."""
-        if not (self.filters or self.one_file_system):
+        if not (self.filters or self.one_file_system or self.exclude_if_present):
             return b""
         parts = [b"x" if self.one_file_system else b"", b"c" if self.exclude_caches else b""]
         parts += sorted(os.fsencode(p) for p in self.exclude)
+        parts += sorted(b"\1" + tag for tag in self.tags())  # (a tag is never a pattern)
         return b"\0".join(parts)
 
     def describe(self) -> dict:
@@ -156,14 +171,16 @@ class Selection:
             "exclude": list(self.exclude),
             "exclude_caches": self.exclude_caches,
             "one_file_system": self.one_file_system,
+            "exclude_if_present": list(self.exclude_if_present),
         }
 
     @classmethod
     def from_request(cls, r: dict) -> Selection:
-        exclude = r.get("exclude") or []
-        if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
-            raise CasfsError("exclude must be a list of patterns", errno.EINVAL)
-        return cls.of(exclude, bool(r.get("exclude_caches")), bool(r.get("one_file_system")))
+        exclude, tags = r.get("exclude") or [], r.get("exclude_if_present") or []
+        for names in (exclude, tags):
+            if not isinstance(names, list) or not all(isinstance(p, str) for p in names):
+                raise CasfsError("exclude options must be lists of strings", errno.EINVAL)
+        return cls.of(exclude, bool(r.get("exclude_caches")), bool(r.get("one_file_system")), tags)
 
 
 def _one(regexes: list[bytes]) -> re.Pattern[bytes] | None:
