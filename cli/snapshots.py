@@ -14,17 +14,20 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from casfs.api import Casfs
 from casfs.errors import CasfsError, StoreError
+from casfs.fuse.controlsocket import socket_path
 from casfs.fuse.mountpoint import FSTYPE, casfs_mount_of_store, find_mount, is_stale
 from casfs.store import layout
-from casfs.store.store import Store
-from casfs.tree import diff
-from casfs.workflows.importer import Progress
-from casfs.workflows.selection import Selection
 from casfs_cli.format import human_bytes
+
+if TYPE_CHECKING:
+    from casfs.store.store import Store
+    from casfs.workflows.selection import Selection
+
+# A command given a mountpoint only talks to the mount's socket: the store and the model are
+# imported when a command opens the store itself (they are most of a command's start-up).
 
 CONTROL_TIMEOUT = 3600.0  # a rollback of a huge tree may take a while
 
@@ -42,8 +45,6 @@ class MountTarget:
         request = json.dumps({"op": op, **args}).encode() + b"\n"
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CONTROL_TIMEOUT)
-            from casfs.fuse.control import socket_path  # (imports trio: only when needed)
-
             try:
                 with socket_path(self.store) as path:
                     sock.connect(path)
@@ -86,6 +87,8 @@ class MountTarget:
         self.call("restore", name=os.fsdecode(name), path=os.fsdecode(path), dest=d, force=force)
 
     def import_tree(self, src: str, name: bytes, selection: Selection, progress) -> dict:
+        from casfs.workflows.importer import Progress
+
         def show(p: dict) -> None:
             if progress is not None:
                 progress(Progress(**{**p, "path": os.fsencode(p["path"])}))
@@ -96,6 +99,8 @@ class MountTarget:
     def reader(self) -> Iterator[Store]:
         """The store opened read-only beside its mount (LMDB readers never block the
         writer, and a read transaction sees one point in time)."""
+        from casfs.store.store import Store
+
         store = Store(self.store, writer=False)
         try:
             yield store
@@ -108,6 +113,8 @@ class StoreTarget:
     API and the command behave alike)."""
 
     def __init__(self, path: str) -> None:
+        from casfs.api import Casfs
+
         self.api = Casfs(path)
         self.store = self.api.store
         self.mountpoint = None
@@ -224,12 +231,11 @@ def _print(args: argparse.Namespace, info: Any, text: str) -> None:
     print(json.dumps(info) if args.json else text)
 
 
-DIFF_MARKS = {diff.ADDED: "+", diff.REMOVED: "-", diff.MODIFIED: "M", diff.METADATA: "m"}
-
-
 def diff_command(args: argparse.Namespace) -> int:
+    from casfs.tree import diff
     from casfs_cli.main import one_line
 
+    marks = {diff.ADDED: "+", diff.REMOVED: "-", diff.MODIFIED: "M", diff.METADATA: "m"}
     with open_target(args.target) as target:
         changes = target.diff(_name(args.old), _name(args.new))
     if args.json:
@@ -237,7 +243,7 @@ def diff_command(args: argparse.Namespace) -> int:
         return 0
     for c in changes:
         slash = "/" if c["dir"] else ""
-        print(f"{DIFF_MARKS[c['kind']]} {one_line(c['path'])}{slash}")
+        print(f"{marks[c['kind']]} {one_line(c['path'])}{slash}")
     return 0
 
 

@@ -13,7 +13,7 @@ import sys
 
 from conftest import CasfsMount, casfs_cli
 
-from casfs.fuse import control
+from casfs.fuse import controlsocket
 
 NOBODY = 65534
 
@@ -81,7 +81,7 @@ def test_snapshots_are_read_only_for_root_too(mounted: CasfsMount):
 def test_control_socket_answers_only_its_owner_or_root(mounted: CasfsMount):
     """Even with the socket reachable (in the 0700 store it is not), another user gets
     "permission denied" from the mount itself (SO_PEERCRED), and nothing changes."""
-    with control.socket_path(str(mounted.store)) as path:
+    with controlsocket.socket_path(str(mounted.store)) as path:
         real = os.path.realpath(path)
     # a second name for the socket where that user can reach it (/tmp: sticky, world-open)
     reachable = f"/tmp/casfs-access-test-{os.getpid()}.sock"

@@ -11,14 +11,13 @@ paths travel as ``os.fsdecode`` strings, so any bytes survive.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -33,38 +32,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "control.sock"
 MAX_REQUEST = 1 << 16
 _UCRED = struct.Struct("3i")  # pid, uid, gid
-
-
-@contextlib.contextmanager
-def socket_path(store_path: str) -> Iterator[str]:
-    """A path to the store's socket short enough for ``sun_path`` (108 bytes), however deep
-    the store: through an open descriptor of the store directory."""
-    fd = os.open(store_path, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
-    finally:
-        os.close(fd)
-
-
-def listen(store_path: str) -> socket.socket:
-    """Bind the store's control socket (before the mount reports ready, so a command run
-    right after ``casfs mount`` finds it)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with socket_path(store_path) as path:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # left by a mount that was killed
-        sock.bind(path)
-        os.chmod(path, 0o600)
-    sock.listen(16)
-    return sock
-
-
-def remove_socket(store_path: str) -> None:
-    with socket_path(store_path) as path, contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 def _name(text: str) -> bytes:

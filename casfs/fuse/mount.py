@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from casfs.fuse import control
+from casfs.fuse import control, controlsocket
 from casfs.fuse.mountpoint import tune_readahead
 from casfs.fuse.operations import CasfsOperations, MountOptions
 from casfs.store.store import Store
@@ -55,12 +55,12 @@ def serve(
         if pins:
             log.info("released %d pin(s) on deleted snapshots' files left by the last mount", pins)
         ops = CasfsOperations(fs, store, options)
-        listener = control.listen(store.path)
+        listener = controlsocket.listen(store.path)
         try:
             pyfuse3.init(ops, mountpoint, fuse_options(store, options))
         except BaseException:
             listener.close()
-            control.remove_socket(store.path)
+            controlsocket.remove_socket(store.path)
             raise
         log.info("mounted %s at %s", store.path, mountpoint)
         unmount = True
@@ -72,7 +72,7 @@ def serve(
             unmount = trio.run(_loop, ops, mountpoint, listener)
         finally:
             listener.close()
-            control.remove_socket(store.path)
+            controlsocket.remove_socket(store.path)
             pyfuse3.close(unmount=unmount)
             store.commit_batch()
             log.info("unmounted %s", mountpoint)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import blake3
 
-from casfs.store.chunker import ChunkParams
-from casfs.store.pipeline import Pipeline
-from casfs.tree.content import Extent
+if TYPE_CHECKING:  # (``casfs digest`` of a mounted file needs none of them)
+    from casfs.store.chunker import ChunkParams
+    from casfs.store.pipeline import Pipeline
+    from casfs.tree.content import Extent
 
 XATTR = b"user.casfs.digest"
 RESERVED_PREFIX = b"user.casfs."  # names casfs serves itself: read-only, never stored
