@@ -548,3 +548,24 @@ def test_cut_stream_cuts_as_one_cut_of_the_whole(tmp_path):
     finally:
         pipeline.close()
         s.close()
+
+
+def test_a_commit_while_opening_is_not_taken_for_a_truncated_file(tmp_path, monkeypatch):
+    """A reader beside a mount looks at data.mdb's size, then LMDB's meta: a commit between
+    the two grows both. The size is looked at again after the meta, so the file seems
+    truncated only if it is."""
+    s = new_store(tmp_path / "s")
+    fs = Filesystem(s)
+    fs.write(fs.create(ROOT_INO, b"f", 0o644, 0, 0).ino, 0, os.urandom(4 << 20))
+    fs.close()
+    s.close()
+    real = os.path.getsize
+    looks = []
+
+    def first_look_older(path):  # the size before the last commit, the first time only
+        looks.append(path)
+        return real(path) - (1 << 20) if len(looks) == 1 else real(path)
+
+    monkeypatch.setattr(store_module.os.path, "getsize", first_look_older)
+    Store(str(tmp_path / "s"), writer=False).close()
+    assert len(looks) == 2

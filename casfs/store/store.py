@@ -288,6 +288,9 @@ class Store:
                 max_readers=256,
             )
             need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]  # meta only
+            # The size again, now: a mount may have committed (grown the file, then written
+            # its meta) since the first look; a file only grows while the store is in use.
+            size = os.path.getsize(data_file)
             if size < need:  # touching a page past the end would kill us (SIGBUS)
                 self.env.close()
                 raise StoreError(
