@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--exclude", "-e", action="append", metavar="PATTERN",
-        help="leave out paths matching this glob (repeatable; docs/workflows.md, Excluding)",
+        help="leave out paths matching this glob (repeatable; rules in docs/workflows.md)",
     )  # fmt: skip
     s.add_argument(
         "--exclude-from", action="append", metavar="FILE",
