@@ -129,8 +129,7 @@ class MappedFile:
     in again) although the whole database would have fit the budget. The mapping's address is
     found in /proc/self/maps once and checked through /proc/self/map_files before each use:
     LMDB maps the file anew when the map grows, and advising a stale range would zero
-    whatever memory took its place. Only the thread that may grow the map calls this, or a
-    thread inside :meth:`MapUsers.shared` (no growth can run meanwhile).
+    whatever memory took its place. Only the thread that may grow the map calls this.
     """
 
     def __init__(self, path: str, max_faults: int = 16, max_mapped: int = 32 << 20) -> None:
@@ -138,20 +137,16 @@ class MappedFile:
         self.max_faults = max_faults
         self.max_mapped = max_mapped
         self._ranges: list[tuple[int, int]] = []
-        self._checking = threading.Lock()
         self._faults = _minor_faults()
         self._resident = _file_resident()  # file pages mapped after the last unmap
 
     def touched(self) -> None:
         faults = _minor_faults()
-        if faults - self._faults < self.max_faults or not self._checking.acquire(blocking=False):
-            return  # (another thread is checking: once is enough)
-        try:
-            self._faults = faults
-            if _file_resident() - self._resident >= self.max_mapped:
-                self.unmap()
-        finally:
-            self._checking.release()
+        if faults - self._faults < self.max_faults:
+            return
+        self._faults = faults
+        if _file_resident() - self._resident >= self.max_mapped:
+            self.unmap()
 
     def release(self, views: list[memoryview]) -> None:
         """Unmap the pages under ``views`` (values just read through the map, still valid):
@@ -161,8 +156,9 @@ class MappedFile:
         the folios mapped around the B-tree pages of each lookup."""
         libc = _libc()
         for view in views:
-            lo = _address(view) & ~(_PAGE - 1)
-            hi = _address(view) + len(view)
+            at = _address(view)
+            lo = at & ~(_PAGE - 1)
+            hi = at + len(view)
             libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
 
     def unmap(self) -> int:

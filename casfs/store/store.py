@@ -886,8 +886,7 @@ class Store:
                             out.append(self.codec.decode(digest, value))
                     except CorruptObject as exc:
                         out.append(exc)
-                self.mapped.release(read)
-                self.mapped.touched()  # B-tree pages (no map change can run meanwhile)
+                self.mapped.release(read)  # (what its lookups map, the owner sweeps: touched)
                 return out
             finally:
                 txn.abort()

@@ -286,10 +286,11 @@ class ReadJob:
                 assert tx is not None, "needs_store: finish in a transaction"
                 if not store.has_object(tx, d):
                     raise ReadRaced(d)
-                got = store.codec.decode(d, store.load_value(tx, d))
+                got = store.load(tx, d)
             elif isinstance(got, CorruptObject):
                 raise got
             self.plain[d] = got
+        store.mapped.touched()  # what the pool's lookups mapped (it unmaps the values itself)
         self.fresh.extend(self.pending)
         self.pending = {}
 

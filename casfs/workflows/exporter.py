@@ -190,7 +190,7 @@ class _Batch:
     ready: list[_File] = field(default_factory=list)  # every chunk queued: finish after writing
     size: int = 0
     partial: _File | None = None  # a file still being queued when the batch was cut
-    reading: Future[list[bytes | CorruptObject | None]] | None = None
+    reading: Future[list[bytes | CorruptObject | None]] | None = None  # set when cut
 
 
 class _Exporter:
@@ -332,7 +332,7 @@ class _Exporter:
         ``partial`` is a file still being queued (a large one)."""
         batch, self.batch = self.batch, _Batch()
         batch.partial = partial
-        batch.reading = self.pipeline.read_async(list(batch.digests)) if batch.digests else None
+        batch.reading = self.pipeline.read_async(list(batch.digests))
         self._write(self.waiting)
         self.waiting = batch
 
@@ -340,12 +340,14 @@ class _Exporter:
         """Write a batch's chunks and finish the files whose chunks were all queued."""
         if batch is None:
             return
-        got = batch.reading.result() if batch.reading is not None else []
+        assert batch.reading is not None
+        got = batch.reading.result()
+        self.store.mapped.touched()  # what the pool's lookups mapped
         plain: dict[bytes, bytes] = {}
         for digest, data in zip(batch.digests, got, strict=True):
             try:
                 if data is None:  # deleted since the export began: ours still sees it
-                    data = self.store.codec.decode(digest, self.store.load_value(self.tx, digest))
+                    data = self.store.load(self.tx, digest)
                 elif isinstance(data, CorruptObject):
                     raise data
             except CorruptObject as exc:
