@@ -39,7 +39,7 @@ from casfs.store.store import Store
 from casfs.tree import snapshots, treeobjects
 from casfs.tree.fs import Filesystem
 from casfs.tree.fsck import fsck
-from casfs.workflows import importer
+from casfs.workflows import contentreader, importer
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown)")
 
@@ -674,7 +674,7 @@ def test_unchanged_subtrees_are_not_opened_and_a_change_rebuilds_its_path(tmp_pa
     store = tmp_path / "store"
     Filesystem.create_store(str(store)).close()
     opened: list[bytes] = []
-    real_open = importer._open_noatime
+    real_open = importer.open_noatime
 
     def spy(path: bytes, flags: int = 0) -> int:
         if not flags & os.O_DIRECTORY:
@@ -683,7 +683,8 @@ def test_unchanged_subtrees_are_not_opened_and_a_change_rebuilds_its_path(tmp_pa
             raise PermissionError(13, "Permission denied")
         return real_open(path, flags)
 
-    monkeypatch.setattr(importer, "_open_noatime", spy)
+    monkeypatch.setattr(importer, "open_noatime", spy)
+    monkeypatch.setenv(contentreader.MIN_FILES_ENV, str(10**9))  # every open in this process
     spy.fail = True
     with Store(str(store)) as s:
         first = importer.import_offline(s, str(src), b"one")

@@ -52,6 +52,6 @@ class Chunker:
 
     def cut(self, buf: bytes | bytearray | memoryview) -> list[int]:
         """Lengths of the chunks ``buf`` is cut into; the last one ends at ``len(buf)``."""
-        if not buf:
-            return []
+        if len(buf) <= self.params.min:  # FastCDC never cuts before min: one chunk (or none)
+            return [len(buf)] if buf else []
         return [c.length for c in self._cdc.cut_buf(buf)]

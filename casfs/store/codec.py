@@ -24,6 +24,22 @@ def digest_of(data: bytes | memoryview) -> bytes:
     return blake3.blake3(data).digest()
 
 
+def chunk_digest(chunk: bytes | memoryview) -> bytes | None:
+    """A chunk's digest, or None for an all-zero chunk (stored as a hole, not an object)."""
+    return None if _is_zero(chunk) else digest_of(chunk)
+
+
+_ZERO = bytes(1 << 20)
+
+
+def _is_zero(chunk: bytes | memoryview) -> bool:
+    n = len(chunk)
+    if not n or chunk[0] or chunk[n - 1] or chunk[n // 2]:
+        return False
+    plain = bytes(chunk)  # (comparing memoryviews goes byte by byte: 30x slower)
+    return plain == _ZERO[:n] if n <= len(_ZERO) else plain.count(0) == n
+
+
 class Codec:
     """Encodes plain chunks into ``objects`` values and back, for one zstd level."""
 

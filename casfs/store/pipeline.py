@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from casfs.errors import CorruptObject
 from casfs.store.chunker import Chunker
-from casfs.store.codec import digest_of
+from casfs.store.codec import chunk_digest
 from casfs.store.store import Store
 
 
@@ -142,7 +142,7 @@ class Pipeline:
         would cut them: a chunk is taken before the end only once no later byte can move its
         end (cut points depend only on the bytes before them, within ``max``). Yields
         (piece, bytes) block by block, so a caller may act between blocks."""
-        max_chunk, one_chunk = self.store.params.max, self.store.params.min
+        max_chunk = self.store.params.max
         carry = b""
         base = 0
         for block in itertools.chain(blocks, [b""]):
@@ -152,8 +152,7 @@ class Pipeline:
             if block and len(buf) < max_chunk:  # no chunk can be settled yet: read on
                 carry = bytes(buf)  # (no copy of a bytes block)
                 continue
-            # FastCDC never cuts before ``min`` bytes: a stream that short is one chunk
-            lengths = [len(buf)] if len(buf) <= one_chunk else self.chunker.cut(buf)
+            lengths = self.chunker.cut(buf)
             if block:
                 spans = settled(base, lengths, len(buf), max_chunk)
             else:
@@ -183,7 +182,7 @@ class Pipeline:
 
 
 def _hash(part: Sequence[tuple[int, memoryview]]) -> list[Piece]:
-    return [Piece(off, len(c), None if _is_zero(c) else digest_of(c)) for off, c in part]
+    return [Piece(off, len(c), chunk_digest(c)) for off, c in part]
 
 
 def _done(value: R) -> Future[R]:
@@ -219,15 +218,3 @@ def _gather(futures: list[Future[list[R]]]) -> Future[list[R]]:
     for f in futures:
         f.add_done_callback(one_done)
     return out
-
-
-_ZERO = bytes(1 << 20)
-
-
-def _is_zero(chunk: memoryview) -> bool:
-    n = len(chunk)
-    if not n or chunk[0] or chunk[n - 1] or chunk[n // 2]:
-        return False
-    if n <= len(_ZERO):
-        return chunk.tobytes() == _ZERO[:n]
-    return chunk.tobytes().count(0) == n

@@ -43,12 +43,17 @@ from casfs.tree import snapshots, treeobjects
 from casfs.tree.content import Extent
 from casfs.tree.snapshots import Snapshot
 from casfs.tree.treeobjects import INLINE_EXTENTS, Entry, Totals
-from casfs.workflows import filescache
+from casfs.workflows import contentreader, filescache
+from casfs.workflows.contentreader import ContentReader
 from casfs.workflows.filescache import Seen
 from casfs.workflows.selection import CACHEDIR_TAG, Selection, is_cache_dir
+from casfs.workflows.source import open_noatime, read_xattrs
 
 T = TypeVar("T")
 WHOLE_TREE = Selection()
+# The scan stops counting files for the reader process after this many small files (most
+# of them unchanged then: a re-import); the plan, made after the scan, decides instead.
+_COUNT_AT_MOST = 4096
 
 GROUP_BYTES = 16 << 20  # file bytes per applied group (and per compression batch)
 GROUP_OPS = 4096  # ... or this many changes, whichever comes first
@@ -100,6 +105,8 @@ class ImportResult:
 
 # -- the first walk -------------------------------------------------------------------------
 
+_ASK = object()  # (a Node's files cache verdict not asked for yet)
+
 
 @dataclass(slots=True)
 class Node:
@@ -108,14 +115,19 @@ class Node:
     st: os.stat_result
     children: list[Node] | None = None  # a directory's, sorted by name
     changed: bool = False  # a file that changed while it was read (not for the files cache)
+    last: Any = None  # what the last import saw of it, if it looks untouched since (or _ASK)
 
 
 def scan(
-    src: bytes, warn: Callable[[str], None], selection: Selection = WHOLE_TREE
+    src: bytes,
+    warn: Callable[[str], None],
+    selection: Selection = WHOLE_TREE,
+    on_listed: Callable[[list[Node]], None] | None = None,
 ) -> tuple[Node, Counter]:
     """The source's tree of lstat results (the entries ``selection`` takes), and the names
-    each (dev, ino) has inside it."""
-    root = Node(b"", b"", os.lstat(src), [])
+    each (dev, ino) has inside it. ``on_listed`` is given each directory's children as soon as
+    they are known."""
+    root = Node(b"", b"", os.lstat(src), [], last=_ASK)
     names: Counter[tuple[int, int]] = Counter()
     stack: list[tuple[Node, Node | None]] = [(root, None)]  # (directory, its parent)
     tags = selection.tags()
@@ -123,7 +135,7 @@ def scan(
         node, parent = stack.pop()
         path = _join(src, node.rel)
         try:  # listed through an O_NOATIME descriptor: a listing would move the atime
-            fd = _open_noatime(path, os.O_DIRECTORY)
+            fd = open_noatime(path, os.O_DIRECTORY)
         except OSError as exc:
             warn(f"{os.fsdecode(path)}: cannot list ({exc.strerror}); imported as empty")
             continue
@@ -150,7 +162,7 @@ def scan(
             os.close(fd)
         for name, st in listed:
             rel = node.rel + b"/" + name if node.rel else name
-            child = Node(name, rel, st)
+            child = Node(name, rel, st, last=_ASK)
             assert node.children is not None
             node.children.append(child)
             if stat.S_ISDIR(st.st_mode):
@@ -160,6 +172,8 @@ def scan(
                 stack.append((child, node))
             elif st.st_nlink > 1:
                 names[(st.st_dev, st.st_ino)] += 1
+        if on_listed is not None and node.children:
+            on_listed(node.children)
     return root, names
 
 
@@ -281,6 +295,11 @@ class Importer:
         self.totals = Totals()
         self._started = time.monotonic()
         self._stored_before = 0
+        self._reader: ContentReader | None = None
+        self._reader_tried = False
+        self._reader_min = contentreader.min_files()
+        self._to_read = 0  # small files the scan found that need reading
+        self._counted_small = 0  # small files the scan looked at (-1: done counting)
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -299,8 +318,21 @@ class Importer:
     def run(self) -> None:
         self.check_source()
         self._stored_before = self._stored_bytes()
-        last = filescache.load(self.store.path, self.src, self.selection.key())
-        root, names = scan(self.src, self._warn, self.selection)
+        self._last = filescache.load(self.store.path, self.src, self.selection.key())
+        try:
+            self._scan_and_build()
+        finally:
+            if self._reader is not None:
+                self._reader.close()
+                if self._reader.stopped:
+                    why = self._reader.stopped
+                    self._warn(f"the import's reader process stopped ({why}); read here")
+                self._reader = None
+        self._report(force=True)
+
+    def _scan_and_build(self) -> None:
+        last = self._last
+        root, names = scan(self.src, self._warn, self.selection, self._count_to_read)
         self.progress.files_total = sum(1 for _ in _walk_files(root))
         self.progress.bytes_total = sum(n.st.st_size for n in _walk_files(root) if _is_reg(n))
         new_inos = sum(1 for n in _walk_all(root) if n.rel and n.rel not in last)
@@ -309,9 +341,9 @@ class Importer:
         self._links: dict[tuple[int, int], tuple[int, Entry]] = {}  # first name's ino, entry
         self._counted: set[tuple[int, int]] = set()  # hard-linked inodes counted as unchanged
         self._names = names
-        self._last = last
-        built: dict[bytes, tuple[Entry, Totals]] = {}  # finished subdirectories by rel path
         same = self._unchanged_trees(root)
+        self._send_to_reader(root, same)
+        built: dict[bytes, tuple[Entry, Totals]] = {}  # finished subdirectories by rel path
         for d in _post_order(root, same):
             ino = self._inos.give(d.rel) if d.rel else layout.ROOT_INO
             if d.rel in same:
@@ -336,7 +368,6 @@ class Importer:
         self.result.dirs = self.totals.dirs
         self.result.files = self.totals.files
         self.result.bytes_total = self.totals.bytes
-        self._report(force=True)
 
     def _unchanged_trees(self, root: Node) -> set[bytes]:
         """Directories whose whole subtree looks untouched since the last import (every path
@@ -377,6 +408,62 @@ class Importer:
         self._report()
         return entry, Totals(*last.totals)
 
+    # -- the reader process ---------------------------------------------------------------
+
+    def _count_to_read(self, children: list[Node]) -> None:
+        """Called by the scan after each directory: starts the reader process as soon as
+        enough small files need reading, so that its start-up overlaps the rest of the scan.
+        Gives up counting once many files were found unchanged (a re-import)."""
+        if self._counted_small < 0:
+            return
+        small = contentreader.SMALL_FILE
+        for c in children:
+            st = c.st
+            if c.children is None and stat.S_ISREG(st.st_mode) and st.st_size <= small:
+                self._counted_small += 1
+                if self._unchanged(c) is None:
+                    self._to_read += 1
+        if self._to_read >= self._reader_min:
+            self._counted_small = -1
+            self._reader = self._start_reader()
+        elif self._counted_small >= _COUNT_AT_MOST:
+            self._counted_small = -1
+
+    def _start_reader(self) -> ContentReader | None:
+        self._reader_tried = True
+        try:
+            return ContentReader(self.store.params)
+        except OSError as exc:
+            self._warn(f"could not start the import's reader process ({exc.strerror}); read here")
+            return None
+
+    def _send_to_reader(self, root: Node, same: set[bytes]) -> None:
+        """Give the reader process the small files this import will read, in the order it
+        will read them (starting it now if the scan did not)."""
+        plan: list[tuple[bytes, int]] = []
+        firsts: set[tuple[int, int]] = set()  # a hard-linked inode is read by its first name
+        for d in _post_order(root, same):
+            if d.rel in same:
+                continue
+            for c in d.children or ():
+                st = c.st
+                if (
+                    c.children is not None
+                    or not stat.S_ISREG(st.st_mode)
+                    or st.st_size > contentreader.SMALL_FILE
+                    or self._unchanged(c) is not None  # (the files cache may vouch for it)
+                ):
+                    continue
+                if st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in firsts:
+                        continue
+                    firsts.add((st.st_dev, st.st_ino))
+                plan.append((_join(self.src, c.rel), st.st_size))
+        if not self._reader_tried and len(plan) >= self._reader_min:
+            self._reader = self._start_reader()
+        if self._reader is not None:
+            self._reader.send(plan)
+
     def _directory(
         self, d: Node, built: dict[bytes, tuple[Entry, Totals]]
     ) -> tuple[list[Entry], Totals, bool]:
@@ -407,11 +494,7 @@ class Importer:
     def _known_content(self, children: list[Node]) -> dict[bytes, Seen]:
         """The files of ``children`` the files cache vouches for, whose objects the store
         still holds (asked in one transaction)."""
-        maybe = {
-            c.rel: s
-            for c in children
-            if _is_reg(c) and (s := self._last.get(c.rel)) is not None and s.matches(c.st)
-        }
+        maybe = {c.rel: s for c in children if _is_reg(c) and (s := self._unchanged(c)) is not None}
         if not maybe:
             return {}
 
@@ -469,28 +552,31 @@ class Importer:
         return entry
 
     def _read_file(self, c: Node, ino: int) -> Entry:
-        """Read, cut and hash one file, cut as one whole-file write would be; its chunks go
-        into the group (flushed in the middle of a large file)."""
+        """One file's content, cut as one whole-file write would cut it: read, cut and hashed
+        here, or taken from the reader process. Its chunks go into the group."""
         path = _join(self.src, c.rel)
-        fd = _open_noatime(path)
+        got = self._reader.take(path) if self._reader is not None else None
+        if isinstance(got, OSError):
+            raise got
         extents: list[Extent] = []
-        size = data_bytes = 0
-        try:
-            for piece, data in self.pipeline.cut_stream(self._blocks(fd, c.st.st_size)):
-                size = piece.offset + piece.length
-                if piece.digest is not None:  # else all zeros: a hole
-                    self.group.chunk(piece.digest, data)
-                    extents.append(Extent(piece.offset, piece.length, piece.digest))
-                    data_bytes += piece.length
-                self._flush_if_full()
-            after = os.fstat(fd)
-        finally:
-            os.close(fd)
+        if got is None:
+            size, after, xattrs = self._read_here(path, c.st.st_size, extents)
+        else:
+            size, after, xattrs = len(got.data), got.after, got.xattrs
+            chunk = self.group.chunk
+            view = memoryview(got.data)
+            for offset, n, digest in got.pieces:
+                if digest is not None:  # else all zeros: a hole
+                    chunk(digest, view[offset : offset + n])
+                    extents.append(Extent(offset, n, digest))
+            self._count_read(size)
+            self._flush_if_full()
         st = c.st
-        if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns) or size != st.st_size:
+        if after != (st.st_size, st.st_mtime_ns) or size != st.st_size:
             self._warn(f"{os.fsdecode(path)}: changed while being read; stored as read")
             c.changed = True
-        content: dict[str, Any] = {"size": size, "data_bytes": data_bytes}
+        data_bytes = sum(x.length for x in extents)
+        content: dict[str, Any] = {"size": size, "data_bytes": data_bytes, "xattrs": xattrs}
         if len(extents) > INLINE_EXTENTS:
             plain = treeobjects.encode_manifest(extents)
             digest = digest_of(plain)
@@ -499,6 +585,26 @@ class Importer:
             return self._entry(c, ino, digest=digest, **content)
         return self._entry(c, ino, extents=tuple(extents), **content)
 
+    def _read_here(
+        self, path: bytes, expected: int, extents: list[Extent]
+    ) -> tuple[int, tuple[int, int], tuple[tuple[bytes, bytes], ...]]:
+        """Read, cut and hash one file in this process, appending its extents (the group is
+        flushed in the middle of a large file). Returns its size as read, (st_size,
+        st_mtime_ns) after reading, and its xattrs."""
+        fd = open_noatime(path)
+        size = 0
+        try:
+            for piece, data in self.pipeline.cut_stream(self._blocks(fd, expected)):
+                size = piece.offset + piece.length
+                if piece.digest is not None:  # else all zeros: a hole
+                    self.group.chunk(piece.digest, data)
+                    extents.append(Extent(piece.offset, piece.length, piece.digest))
+                self._flush_if_full()
+            after = os.fstat(fd)
+            return size, (after.st_size, after.st_mtime_ns), read_xattrs(fd)
+        finally:
+            os.close(fd)
+
     def _blocks(self, fd: int, size: int) -> Iterator[bytes]:
         """The file's bytes in blocks. Each read asks for what stat said is left (plus a
         page, to meet the end): os.read allocates the whole size asked for, and an 8 MiB
@@ -506,14 +612,18 @@ class Importer:
         pos = 0
         while block := os.read(fd, min(READ_BLOCK, max(size - pos, 0) + 4096)):
             pos += len(block)
-            self.result.bytes_read += len(block)
-            self.progress.bytes += len(block)
-            self._report()
+            self._count_read(len(block))
             yield block
+
+    def _count_read(self, n: int) -> None:
+        self.result.bytes_read += n
+        self.progress.bytes += n
+        self._report()
 
     def _entry(self, n: Node, ino: int, **content: Any) -> Entry:
         """``n``'s entry: its lstat, xattrs and ``content`` (digest, extents or target; a
-        file's size and data bytes as read). ``st_nlink`` counts names inside the source."""
+        file's size, data bytes and xattrs as read). ``st_nlink`` counts names inside the
+        source."""
         st = n.st
         nlink = st.st_nlink
         if stat.S_ISDIR(st.st_mode):
@@ -524,6 +634,9 @@ class Importer:
         if "target" in content:
             size = len(content["target"])
         last = self._unchanged(n)  # its atime then: reading it since may have moved it
+        xattrs = content.pop("xattrs", None)
+        if xattrs is None:
+            xattrs = last.xattrs if last is not None else read_xattrs(_join(self.src, n.rel))
         return Entry(
             n.name,
             ino,
@@ -537,23 +650,9 @@ class Importer:
             last.atime_ns if last is not None else st.st_atime_ns,
             st.st_mtime_ns,
             st.st_ctime_ns,
-            xattrs=last.xattrs if last is not None else self._xattrs(n),
+            xattrs=xattrs,
             **content,
         )
-
-    def _xattrs(self, n: Node) -> tuple[tuple[bytes, bytes], ...]:
-        path = _join(self.src, n.rel)
-        try:
-            names = os.listxattr(path, follow_symlinks=False)
-        except OSError:
-            return ()
-        out = []
-        for name in sorted(names):
-            try:
-                out.append((os.fsencode(name), os.getxattr(path, name, follow_symlinks=False)))
-            except OSError:
-                continue
-        return tuple(out)
 
     def _lost_name(self, st: os.stat_result) -> None:
         """A name the scan counted is not imported after all: the names read after it count
@@ -571,9 +670,12 @@ class Importer:
         self.result.files_unchanged += 1
 
     def _unchanged(self, n: Node) -> Seen | None:
-        """What the last import saw of ``n``, if ``n`` looks untouched since."""
-        last = self._last.get(n.rel)
-        return last if last is not None and last.matches(n.st) else None
+        """What the last import saw of ``n``, if ``n`` looks untouched since (asked once)."""
+        last = n.last
+        if last is _ASK:
+            last = self._last.get(n.rel)
+            last = n.last = last if last is not None and last.matches(n.st) else None
+        return last
 
     def _remember(self, n: Node, ino: int, entry: Entry, totals: Totals | None = None) -> None:
         st = n.st
@@ -757,16 +859,6 @@ def _walk_all(root: Node) -> Iterator[Node]:
 
 def _walk_files(root: Node) -> Iterator[Node]:
     return (n for n in _walk_all(root) if n.children is None)
-
-
-def _open_noatime(path: bytes, flags: int = 0) -> int:
-    """Open for reading without moving the source's atime (so importing an unchanged tree
-    again gives the same tree objects), where the caller may (owner or root)."""
-    flags |= os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        return os.open(path, flags | os.O_NOATIME)
-    except PermissionError:
-        return os.open(path, flags)
 
 
 # Offline, the import commits its group-commit batch every this many bytes: one batch of a
