@@ -13,10 +13,15 @@ everything but the inode numbers themselves, fresh for each new source.
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import os
+import pickle
 import stat
+import subprocess
 import sys
 import textwrap
+import threading
 from collections import defaultdict
 
 import pytest
@@ -211,3 +216,68 @@ def test_reader_in_a_mount(mounted: CasfsMount, tmp_path):
     assert compare_trees(src, os.fsencode(mounted.mnt / ".snap" / "x")) == []
     mounted.umount()
     fsck_clean(mounted.store)
+
+
+def test_reader_imports_nothing_from_the_working_directory(tmp_path, monkeypatch):
+    """Run from inside the source (as `casfs import . ...` is), the reader must not import
+    the source's own modules: an enum.py there would run as the reader's enum."""
+    src = small_tree(tmp_path / "src")
+    marker = tmp_path / "ran"
+    (tmp_path / "src" / "enum.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    store = new_store(tmp_path / "store")
+    casfs = os.path.join(os.path.dirname(sys.executable), "casfs")
+    env = dict(os.environ, **{contentreader.MIN_FILES_ENV: "1"})
+    r = subprocess.run(
+        [casfs, "import", str(store), ".", "-s", "x", "--json"],
+        cwd=src,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert json.loads(r.stdout)["files"] == 41
+    assert not marker.exists()
+
+
+def test_a_reader_that_writes_much_to_stderr_is_not_blocked(tmp_path, monkeypatch, served):
+    """Its stderr is never read while it serves: a pipe would fill and block it, and the
+    import would wait for it forever."""
+    start = (
+        "import sys; sys.stderr.write('noise ' * 100_000); sys.stderr.flush(); "
+        "from casfs.workflows.contentreader import main; main()"
+    )
+    monkeypatch.setattr(contentreader, "command", lambda: [sys.executable, "-c", start])
+    store = new_store(tmp_path / "store")
+    src = small_tree(tmp_path / "src")
+    done: list[importer.ImportResult] = []
+    worker = threading.Thread(
+        target=lambda: done.append(
+            import_offline(store, src, b"x", reader=True, monkeypatch=monkeypatch)
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(120)
+    assert done, "the import hung on its reader"
+    assert done[0].warnings == [] and len(served) == 40
+
+
+def test_batches_count_xattrs_too(monkeypatch):
+    """A message holds about BATCH_BYTES of content, xattrs included (tmpfs allows MiBs of
+    them per file): 10 files of 300 KB of xattrs make 3 messages, not one of 3 MB."""
+    big = ((b"user.x", b"v" * 300_000),)
+    monkeypatch.setattr(contentreader, "read_one", lambda *_: (b"", [], (0, 0), big))
+    plan = io.BytesIO()
+    pickle.dump(((16 << 10, 64 << 10, 256 << 10), [(b"/f%d" % i, 0) for i in range(10)]), plan)
+    plan.seek(0)
+    out = io.BytesIO()
+    contentreader.serve(plan, out)
+    out.seek(0)
+    sizes = []
+    while True:
+        try:
+            sizes.append(len(contentreader._receive(out)))
+        except EOFError:
+            break
+    assert sizes == [4, 4, 2]

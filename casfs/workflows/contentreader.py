@@ -22,11 +22,13 @@ scan (the import reads it itself).
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -44,7 +46,7 @@ GREW_LIMIT = 4 * SMALL_FILE  # a file found larger than this is left to the impo
 BATCH_FILES = 64  # results per message ...
 BATCH_BYTES = 1 << 20  # ... or this many bytes of content, whichever comes first
 PIPE_BYTES = 1 << 20  # the results pipe's capacity (Linux F_SETPIPE_SZ), where allowed
-MESSAGE_MAX = BATCH_BYTES + GREW_LIMIT + (1 << 20)  # (a batch's last file may be that large)
+MESSAGE_MAX = 1 << 30  # larger is a garbled length (a batch ends after its first MiB)
 
 
 class FileContent(NamedTuple):
@@ -66,8 +68,14 @@ def min_files() -> int:
 
 
 def command() -> list[str]:
-    """How the reader process is started (a test may start another)."""
-    return [sys.executable, "-m", "casfs.workflows.contentreader"]
+    """How the reader process is started (a test may start another). ``-P``: nothing is
+    imported from the working directory (an import's source, often); this process's
+    package is the last place looked in, for a casfs run from its source tree."""
+    if not sys.executable:
+        raise OSError(errno.ENOENT, "no path to the Python interpreter")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(casfs.__file__)))
+    start = f"import sys; sys.path.append({root!r}); from {__name__} import main; main()"
+    return [sys.executable, "-P", "-c", start]
 
 
 class ContentReader:
@@ -75,16 +83,20 @@ class ContentReader:
     the import's scan), then :meth:`send` gives it the files to read."""
 
     def __init__(self, params: ChunkParams) -> None:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(casfs.__file__)))
-        env = dict(os.environ)  # the same casfs as this process, wherever it was found
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-        self._proc = subprocess.Popen(
-            command(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
+        # Its stderr goes to a file, read only if it stops: a pipe nobody reads would block
+        # it once full, while the import waits for its results.
+        self._errors = tempfile.TemporaryFile()
+        try:
+            self._proc = subprocess.Popen(
+                command(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._errors,
+                cwd="/",
+            )
+        except BaseException:
+            self._errors.close()
+            raise
         assert self._proc.stdin and self._proc.stdout
         _widen(self._proc.stdout.fileno())
         self._params = params
@@ -121,8 +133,8 @@ class ContentReader:
                 break
             try:
                 batch = _receive(self._proc.stdout)
-            except Exception:  # noqa: BLE001 - EOF, a torn or garbled message: the same
-                self.stopped = self._why()
+            except Exception as exc:  # noqa: BLE001 - EOF, a torn or garbled message: the same
+                self.stopped = self._why(exc)
                 got.clear()
                 return None
             got.extend(enumerate(batch, self._received))
@@ -136,12 +148,21 @@ class ContentReader:
             return OSError(*result)
         return FileContent._make(result)
 
-    def _why(self) -> str:
-        if self._proc.poll() is None:
+    def _why(self, failure: Exception) -> str:
+        """Why the reader is gone: how it ended and the last line it wrote to stderr, or
+        what was wrong with what it sent (then it is stopped here)."""
+        if not isinstance(failure, EOFError):
+            self.close()
+            return f"it sent what could not be read: {failure}"
+        try:
+            self._proc.wait(timeout=10)  # (its output ended: it is on its way out)
+        except subprocess.TimeoutExpired:
             self._proc.kill()
-        self._proc.wait()
-        tail = (self._proc.stderr.read() if self._proc.stderr else b"").strip()
-        last = tail.splitlines()[-1].decode(errors="replace") if tail else ""
+            self._proc.wait()
+        self._errors.seek(0, os.SEEK_END)
+        self._errors.seek(max(0, self._errors.tell() - 4096))
+        lines = self._errors.read().strip().splitlines()
+        last = lines[-1].decode(errors="replace") if lines else ""
         return f"exit status {self._proc.returncode}" + (f": {last}" if last else "")
 
     def close(self) -> None:
@@ -154,9 +175,9 @@ class ContentReader:
         else:
             assert self._proc.stdin
             self._proc.stdin.close()
-        for stream in (self._proc.stdout, self._proc.stderr):
-            if stream:
-                stream.close()
+        if self._proc.stdout:
+            self._proc.stdout.close()
+        self._errors.close()
 
 
 _HEADER = struct.Struct("<Q")
@@ -243,7 +264,8 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     for path, expected in files:
         got = read_one(chunker, path, expected)
         batch.append(got)
-        size += len(got[0]) if got is not None and len(got) == 4 else 0
+        if got is not None and len(got) == 4:  # (xattrs too: tmpfs takes MiBs of them)
+            size += len(got[0]) + sum(len(k) + len(v) for k, v in got[3])
         if len(batch) >= BATCH_FILES or size >= BATCH_BYTES:
             _transmit(out, batch)
             batch, size = [], 0
