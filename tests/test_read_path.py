@@ -171,3 +171,31 @@ def test_a_chunk_gone_before_the_read_finishes_asks_for_a_new_plan(fs):
     finally:
         store.commit_batch()
     assert fs.read(ino, 0, MiB) == b""
+
+
+def test_released_values_are_advised_in_runs_of_adjacent_pages():
+    """One madvise per run of adjacent pages, not one per value (each call flushes the TLB of
+    every core running a thread of the process): values on one page or on pages next to each
+    other make one run, a gap starts another."""
+    import mmap
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    m = mmap.mmap(-1, 8 * page)
+    try:
+        view = memoryview(m)
+        base = memory._address(view)
+        views = [
+            view[3 * page + 10 : 3 * page + 20],
+            view[0:100],
+            view[200:300],
+            view[page : 2 * page],
+        ]
+        assert memory._page_runs(views) == [
+            (base, base + 2 * page),
+            (base + 3 * page, base + 3 * page + 20),
+        ]
+        for v in views:
+            v.release()
+        view.release()
+    finally:
+        m.close()

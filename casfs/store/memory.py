@@ -110,6 +110,21 @@ def _address(view: memoryview) -> int:
         api.PyBuffer_Release(ctypes.byref(info))
 
 
+def _page_runs(views: list[memoryview]) -> list[tuple[int, int]]:
+    """The pages under ``views`` as runs of adjacent pages, [lo, hi) each: one madvise a run
+    (the chunks of a file written in order lie one after another in the map). Each
+    madvise(DONTNEED) flushes the TLB of every core running a thread of this process, so
+    one a value cost the other readers too."""
+    spans = sorted((at & ~(_PAGE - 1), at + len(view)) for view in views if (at := _address(view)))
+    runs: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        if runs and lo <= -(-runs[-1][1] // _PAGE) * _PAGE:  # starts by the last run's page
+            runs[-1] = (runs[-1][0], max(runs[-1][1], hi))
+        else:
+            runs.append((lo, hi))
+    return runs
+
+
 class MappedFile:
     """Keeps this process's mappings of one file (LMDB's data file) out of its RSS.
 
@@ -155,10 +170,7 @@ class MappedFile:
         its mappings, hot B-tree pages included) comes far less often: what still grows is
         the folios mapped around the B-tree pages of each lookup."""
         libc = _libc()
-        for view in views:
-            at = _address(view)
-            lo = at & ~(_PAGE - 1)
-            hi = at + len(view)
+        for lo, hi in _page_runs(views):
             libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
 
     def unmap(self) -> int:
