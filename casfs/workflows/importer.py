@@ -116,6 +116,7 @@ class Node:
     children: list[Node] | None = None  # a directory's, sorted by name
     changed: bool = False  # a file that changed while it was read (not for the files cache)
     last: Any = None  # what the last import saw of it, if it looks untouched since (or _ASK)
+    xattrs: tuple[tuple[bytes, bytes], ...] | None = None  # a directory's, read by the scan
 
 
 def scan(
@@ -140,6 +141,7 @@ def scan(
             warn(f"{os.fsdecode(path)}: cannot list ({exc.strerror}); imported as empty")
             continue
         try:
+            node.xattrs = read_xattrs(fd)  # (through the descriptor: no path walk)
             with os.scandir(fd) as it:
                 found = sorted((os.fsencode(d.name), d) for d in it)
             if tags and any(name in tags for name, _ in found):
@@ -636,7 +638,9 @@ class Importer:
         last = self._unchanged(n)  # its atime then: reading it since may have moved it
         xattrs = content.pop("xattrs", None)
         if xattrs is None:
-            xattrs = last.xattrs if last is not None else read_xattrs(_join(self.src, n.rel))
+            xattrs = last.xattrs if last is not None else n.xattrs
+        if xattrs is None:
+            xattrs = read_xattrs(_join(self.src, n.rel))
         return Entry(
             n.name,
             ino,
