@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--exclude", "-e", action="append", metavar="PATTERN",
-        help="leave out paths matching this glob (repeatable; rules in docs/workflows.md)",
+        help="leave out paths matching this glob; !GLOB takes back what an earlier one left out "
+        "(repeatable; rules in docs/workflows.md)",
     )  # fmt: skip
     s.add_argument(
         "--exclude-from", action="append", metavar="FILE",

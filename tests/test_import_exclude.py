@@ -116,8 +116,31 @@ def test_patterns(pattern: str, rel: str, is_dir: bool, excluded: bool):
     assert s.excluded(os.fsencode(rel), os.fsencode(name), is_dir) is excluded
 
 
+@pytest.mark.parametrize(
+    "patterns, rel, is_dir, excluded",
+    [
+        (["*.log", "!keep.log"], "a/keep.log", False, False),  # taken back
+        (["*.log", "!keep.log"], "a/other.log", False, True),
+        (["*.log", "!keep.log", "a/*.log"], "a/keep.log", False, True),  # the last match decides
+        (["!keep.log", "*.log"], "keep.log", False, True),  # taking back first changes nothing
+        (["!*.c"], "x.c", False, False),  # a negation alone leaves everything in
+        (["build/*", "!build/keep"], "build/keep", True, False),
+        (["build/*", "!build/keep"], "build/other", True, True),
+        (["out/", "!out/"], "out", True, False),
+        (["*.o", "!x.o/"], "x.o", False, True),  # (a directories-only negation)
+        (["*.o", "!x.o/"], "x.o", True, False),
+        (["\\!bang"], "!bang", False, True),  # a literal '!'
+        (["\\!bang"], "bang", False, False),
+    ],
+)
+def test_negated_patterns(patterns: list[str], rel: str, is_dir: bool, excluded: bool):
+    s = Selection.of(patterns)
+    name = rel.rpartition("/")[2]
+    assert s.excluded(os.fsencode(rel), os.fsencode(name), is_dir) is excluded
+
+
 def test_bad_patterns_and_pattern_files(tmp_path):
-    for bad in ("", "/", "!keep"):
+    for bad in ("", "/", "!", "!/"):
         with pytest.raises(CasfsError, match="bad exclude pattern"):
             Selection.of([bad])
     f = tmp_path / "excludes"
@@ -125,7 +148,30 @@ def test_bad_patterns_and_pattern_files(tmp_path):
     assert read_patterns(str(f)) == ["*.o", "/build"]  # trailing blanks go, as do blank lines
     assert Selection().key() == b""  # a whole tree keeps its files cache's old name
     assert Selection.of(["a", "b"]).key() == Selection.of(["b", "a"]).key() != b""
+    # with a negation the order is part of the meaning, and so of the key
+    assert Selection.of(["*.o", "!a.o"]).key() != Selection.of(["!a.o", "*.o"]).key()
     assert Selection.of(one_file_system=True).key() != Selection().key()
+
+
+# Negations: a file taken back from a name pattern, a directory's contents left out but one
+# entry, and a directory excluded whole (nothing below it can be taken back).
+TAKEN_BACK = ("-e", "*.pyc", "-e", "!pkg/mod.pyc", "-e", "build/*", "-e", "!build/cache",
+              "-e", "tmp/", "-e", "!tmp/scratch")  # fmt: skip
+TAKEN_BACK_SELECTED = EVERYTHING - {"build.pyc", "tmp/", "tmp/scratch"}
+
+
+def test_negated_patterns_take_back(tmp_path):
+    store = tmp_path / "store"
+    cli_ok("init", store)
+    src = make_source(tmp_path / "src")
+    import_json(store, src, "n", *TAKEN_BACK)
+    assert snapshot_paths(store, "n", tmp_path) == TAKEN_BACK_SELECTED
+    # the same patterns in another order are another selection, with its own files cache
+    reordered = ("-e", "!pkg/mod.pyc", "-e", "*.pyc")
+    import_json(store, src, "r", *reordered)
+    assert snapshot_paths(store, "r", tmp_path) == EVERYTHING - {"build.pyc", "pkg/mod.pyc"}
+    again = import_json(store, src, "n2", *TAKEN_BACK)
+    assert again["bytes_read"] == 0 and snapshot_paths(store, "n2", tmp_path) == TAKEN_BACK_SELECTED
 
 
 def test_excluded_paths_are_left_out_and_reimports_never_mix_selections(tmp_path):
@@ -158,7 +204,7 @@ def test_bad_exclude_options_are_one_line_errors(tmp_path):
     cli_ok("init", store)
     src = make_source(tmp_path / "src")
     for args, fragment in [
-        (("--exclude", "!README"), "negation is not supported"),
+        (("--exclude", "!"), "matches nothing"),
         (("--exclude", ""), "matches nothing"),
         (("--exclude-from", str(tmp_path / "missing")), "cannot read exclude file"),
     ]:
@@ -174,8 +220,10 @@ def test_excludes_through_the_mount(mounted: CasfsMount, tmp_path):
     import_json(mounted.store, src, "all")  # given the store: routed to the mount
     assert paths_of(mounted.mnt / ".snap" / "some") == SELECTED
     assert paths_of(mounted.mnt / ".snap" / "all") == EVERYTHING
-    r = casfs_cli("import", mounted.mnt, src, "-s", "bad", "-e", "!x")
-    assert r.returncode == 2 and "negation is not supported" in r.stderr, r.stderr
+    r = casfs_cli("import", mounted.mnt, src, "-s", "bad", "-e", "!")
+    assert r.returncode == 2 and "matches nothing" in r.stderr, r.stderr
+    import_json(mounted.mnt, src, "taken-back", *TAKEN_BACK)
+    assert paths_of(mounted.mnt / ".snap" / "taken-back") == TAKEN_BACK_SELECTED
 
 
 def test_directories_holding_a_marker_are_left_out(tmp_path, mounted: CasfsMount):

@@ -1,4 +1,4 @@
-"""What ``casfs import`` takes from its source: everything, less what the user excludes.
+r"""What ``casfs import`` takes from its source: everything, less what the user excludes.
 
 Patterns (``--exclude``, ``--exclude-from``) follow the glob rules restic and rsync users
 know, on paths relative to the source directory with ``/`` between names:
@@ -8,7 +8,11 @@ know, on paths relative to the source directory with ``/`` between names:
 * a pattern with no ``/`` in it matches an entry's name at any depth (``*.pyc``,
   ``node_modules``); one with a ``/`` is anchored at the source (``build/cache``; a leading
   ``/`` changes nothing);
-* a trailing ``/`` matches directories only (``tmp/``).
+* a trailing ``/`` matches directories only (``tmp/``);
+* a leading ``!`` takes back what an earlier pattern left out (``*.log`` then ``!keep.log``):
+  the last pattern that matches an entry decides, as in gitignore and restic. An excluded
+  directory is not entered, so nothing below it can be taken back: leave out its contents
+  instead (``cache/*`` then ``!cache/index``). ``\!`` starts a pattern with a literal ``!``.
 
 An excluded directory is not listed at all. ``--exclude-if-present NAME`` leaves out every
 directory that holds an entry called NAME (``.nobackup``), as borg and restic do.
@@ -101,28 +105,26 @@ class Selection:
     _by_path: tuple[re.Pattern[bytes] | None, re.Pattern[bytes] | None] = field(
         init=False, repr=False, compare=False
     )
+    _ordered: tuple[_Rule, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # [any entry, directories only], for patterns on names and on paths
         names: tuple[list[bytes], list[bytes]] = ([], [])
         paths: tuple[list[bytes], list[bytes]] = ([], [])
+        rules: list[_Rule] = []
         for text in self.exclude:
-            pattern = os.fsencode(text)
-            dirs_only = pattern.endswith(b"/")
-            body = pattern.rstrip(b"/")
-            if not body or body.startswith(b"!"):
-                why = "negation is not supported" if body else "it matches nothing"
-                raise CasfsError(f"bad exclude pattern {text!r}: {why}", errno.EINVAL)
-            if b"/" in body:
-                paths[dirs_only].append(_translate(body.lstrip(b"/")))
-            else:
-                names[dirs_only].append(_translate(body))
+            rule = _Rule.parse(text)
+            rules.append(rule)
+            (paths if rule.anchored else names)[rule.dirs_only].append(rule.regex.pattern)
         for tag in self.exclude_if_present:
             if not tag or "/" in tag or tag in (".", ".."):
                 why = "a name, not a path"
                 raise CasfsError(f"bad --exclude-if-present {tag!r}: {why}", errno.EINVAL)
         object.__setattr__(self, "_by_name", tuple(_one(r) for r in names))
         object.__setattr__(self, "_by_path", tuple(_one(r) for r in paths))
+        # With a negated pattern the order matters: the rules are asked last to first.
+        ordered = tuple(reversed(rules)) if any(r.negated for r in rules) else ()
+        object.__setattr__(self, "_ordered", ordered)
 
     @classmethod
     def of(
@@ -147,6 +149,11 @@ class Selection:
 
     def excluded(self, rel: bytes, name: bytes, is_dir: bool) -> bool:
         """Whether the entry ``name`` at ``rel`` (relative to the source) is left out."""
+        if self._ordered:
+            for rule in self._ordered:
+                if rule.matches(rel, name, is_dir):
+                    return not rule.negated
+            return False
         for matcher, subject in ((self._by_name, name), (self._by_path, rel)):
             anything, dirs = matcher
             if anything is not None and anything.fullmatch(subject):
@@ -161,7 +168,8 @@ class Selection:
         if not (self.filters or self.one_file_system or self.exclude_if_present):
             return b""
         parts = [b"x" if self.one_file_system else b"", b"c" if self.exclude_caches else b""]
-        parts += sorted(os.fsencode(p) for p in self.exclude)
+        patterns = [os.fsencode(p) for p in self.exclude]
+        parts += patterns if self._ordered else sorted(patterns)  # (negation: order counts)
         parts += sorted(b"\1" + tag for tag in self.tags())  # (a tag is never a pattern)
         return b"\0".join(parts)
 
@@ -181,6 +189,37 @@ class Selection:
             if not isinstance(names, list) or not all(isinstance(p, str) for p in names):
                 raise CasfsError("exclude options must be lists of strings", errno.EINVAL)
         return cls.of(exclude, bool(r.get("exclude_caches")), bool(r.get("one_file_system")), tags)
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One exclude pattern: what it matches and whether it takes back (``!``)."""
+
+    regex: re.Pattern[bytes]
+    anchored: bool  # matched against the path below the source, not the name
+    dirs_only: bool
+    negated: bool
+
+    @classmethod
+    def parse(cls, text: str) -> _Rule:
+        pattern = os.fsencode(text)
+        negated = pattern.startswith(b"!")
+        if negated:
+            pattern = pattern[1:]
+        elif pattern.startswith(b"\\!"):
+            pattern = pattern[1:]  # a literal '!'
+        dirs_only = pattern.endswith(b"/")
+        body = pattern.rstrip(b"/")
+        if not body:
+            raise CasfsError(f"bad exclude pattern {text!r}: it matches nothing", errno.EINVAL)
+        anchored = b"/" in body
+        regex = _translate(body.lstrip(b"/") if anchored else body)
+        return cls(re.compile(regex, re.DOTALL), anchored, dirs_only, negated)
+
+    def matches(self, rel: bytes, name: bytes, is_dir: bool) -> bool:
+        if self.dirs_only and not is_dir:
+            return False
+        return self.regex.fullmatch(rel if self.anchored else name) is not None
 
 
 def _one(regexes: list[bytes]) -> re.Pattern[bytes] | None:
