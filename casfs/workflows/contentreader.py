@@ -280,7 +280,3 @@ def main() -> None:
         out.close()
     except (BrokenPipeError, EOFError):  # the import is gone (or stopped listening)
         pass
-
-
-if __name__ == "__main__":
-    main()

@@ -115,7 +115,7 @@ class Node:
     st: os.stat_result
     children: list[Node] | None = None  # a directory's, sorted by name
     changed: bool = False  # a file that changed while it was read (not for the files cache)
-    last: Any = None  # what the last import saw of it, if it looks untouched since (or _ASK)
+    last: Any = _ASK  # what the last import saw of it, if it looks untouched since
     xattrs: tuple[tuple[bytes, bytes], ...] | None = None  # a directory's, read by the scan
 
 
@@ -128,7 +128,7 @@ def scan(
     """The source's tree of lstat results (the entries ``selection`` takes), and the names
     each (dev, ino) has inside it. ``on_listed`` is given each directory's children as soon as
     they are known."""
-    root = Node(b"", b"", os.lstat(src), [], last=_ASK)
+    root = Node(b"", b"", os.lstat(src), [])
     names: Counter[tuple[int, int]] = Counter()
     stack: list[tuple[Node, Node | None]] = [(root, None)]  # (directory, its parent)
     tags = selection.tags()
@@ -164,7 +164,7 @@ def scan(
             os.close(fd)
         for name, st in listed:
             rel = node.rel + b"/" + name if node.rel else name
-            child = Node(name, rel, st, last=_ASK)
+            child = Node(name, rel, st)
             assert node.children is not None
             node.children.append(child)
             if stat.S_ISDIR(st.st_mode):
@@ -418,10 +418,8 @@ class Importer:
         Gives up counting once many files were found unchanged (a re-import)."""
         if self._counted_small < 0:
             return
-        small = contentreader.SMALL_FILE
         for c in children:
-            st = c.st
-            if c.children is None and stat.S_ISREG(st.st_mode) and st.st_size <= small:
+            if _small_file(c):
                 self._counted_small += 1
                 if self._unchanged(c) is None:
                     self._to_read += 1
@@ -448,14 +446,10 @@ class Importer:
             if d.rel in same:
                 continue
             for c in d.children or ():
-                st = c.st
-                if (
-                    c.children is not None
-                    or not stat.S_ISREG(st.st_mode)
-                    or st.st_size > contentreader.SMALL_FILE
-                    or self._unchanged(c) is not None  # (the files cache may vouch for it)
-                ):
+                # (one the files cache vouches for is not read, if its content is still held)
+                if not _small_file(c) or self._unchanged(c) is not None:
                     continue
+                st = c.st
                 if st.st_nlink > 1:
                     if (st.st_dev, st.st_ino) in firsts:
                         continue
@@ -851,6 +845,11 @@ class _InoGiver:
 
 def _is_reg(n: Node) -> bool:
     return stat.S_ISREG(n.st.st_mode)
+
+
+def _small_file(n: Node) -> bool:
+    """A regular file the reader process would read for the import."""
+    return stat.S_ISREG(n.st.st_mode) and n.st.st_size <= contentreader.SMALL_FILE
 
 
 def _walk_all(root: Node) -> Iterator[Node]:
