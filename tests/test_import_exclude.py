@@ -131,6 +131,8 @@ def test_patterns(pattern: str, rel: str, is_dir: bool, excluded: bool):
         (["*.o", "!x.o/"], "x.o", True, False),
         (["\\!bang"], "!bang", False, True),  # a literal '!'
         (["\\!bang"], "bang", False, False),
+        (["*", "!\\!bang"], "!bang", False, False),  # ... also after a '!'
+        (["\\#x"], "#x", False, True),  # a literal '#'
     ],
 )
 def test_negated_patterns(patterns: list[str], rel: str, is_dir: bool, excluded: bool):
@@ -140,7 +142,7 @@ def test_negated_patterns(patterns: list[str], rel: str, is_dir: bool, excluded:
 
 
 def test_bad_patterns_and_pattern_files(tmp_path):
-    for bad in ("", "/", "!", "!/"):
+    for bad in ("", "/", "!", "!/", "[z-a]", "a\0b"):
         with pytest.raises(CasfsError, match="bad exclude pattern"):
             Selection.of([bad])
     f = tmp_path / "excludes"
@@ -150,6 +152,9 @@ def test_bad_patterns_and_pattern_files(tmp_path):
     assert Selection.of(["a", "b"]).key() == Selection.of(["b", "a"]).key() != b""
     # with a negation the order is part of the meaning, and so of the key
     assert Selection.of(["*.o", "!a.o"]).key() != Selection.of(["!a.o", "*.o"]).key()
+    # no pattern or tag can pass for two, or for one of the other kind
+    assert Selection.of(["a\1b"]).key() != Selection.of(["a", "b"]).key()
+    assert Selection.of(["\1foo"]).key() != Selection.of(exclude_if_present=["foo"]).key()
     assert Selection.of(one_file_system=True).key() != Selection().key()
 
 
@@ -205,6 +210,7 @@ def test_bad_exclude_options_are_one_line_errors(tmp_path):
     src = make_source(tmp_path / "src")
     for args, fragment in [
         (("--exclude", "!"), "matches nothing"),
+        (("--exclude", "[z-a]"), "bad character range"),
         (("--exclude", ""), "matches nothing"),
         (("--exclude-from", str(tmp_path / "missing")), "cannot read exclude file"),
     ]:

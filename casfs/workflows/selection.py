@@ -12,7 +12,8 @@ know, on paths relative to the source directory with ``/`` between names:
 * a leading ``!`` takes back what an earlier pattern left out (``*.log`` then ``!keep.log``):
   the last pattern that matches an entry decides, as in gitignore and restic. An excluded
   directory is not entered, so nothing below it can be taken back: leave out its contents
-  instead (``cache/*`` then ``!cache/index``). ``\!`` starts a pattern with a literal ``!``.
+  instead (``cache/*`` then ``!cache/index``). ``\!`` and ``\#`` start a pattern with a
+  literal ``!`` or ``#`` (also after a ``!``: ``!\!x``).
 
 An excluded directory is not listed at all. ``--exclude-if-present NAME`` leaves out every
 directory that holds an entry called NAME (``.nobackup``), as borg and restic do.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -168,10 +170,12 @@ class Selection:
         if not (self.filters or self.one_file_system or self.exclude_if_present):
             return b""
         parts = [b"x" if self.one_file_system else b"", b"c" if self.exclude_caches else b""]
-        patterns = [os.fsencode(p) for p in self.exclude]
+        patterns = [b"e" + os.fsencode(p) for p in self.exclude]
         parts += patterns if self._ordered else sorted(patterns)  # (negation: order counts)
-        parts += sorted(b"\1" + tag for tag in self.tags())  # (a tag is never a pattern)
-        return b"\0".join(parts)
+        parts += sorted(b"t" + tag for tag in self.tags())
+        # Each part with its length: no pattern or tag, whatever bytes it holds, can pass
+        # for two parts or for a part of another kind.
+        return b"2" + b"".join(len(p).to_bytes(4, "big") + p for p in parts)
 
     def describe(self) -> dict:
         """For the mount's control socket (JSON)."""
@@ -206,15 +210,21 @@ class _Rule:
         negated = pattern.startswith(b"!")
         if negated:
             pattern = pattern[1:]
-        elif pattern.startswith(b"\\!"):
-            pattern = pattern[1:]  # a literal '!'
+        if pattern[:2] in (b"\\!", b"\\#"):
+            pattern = pattern[1:]  # a literal '!' or '#' (as in gitignore)
         dirs_only = pattern.endswith(b"/")
         body = pattern.rstrip(b"/")
         if not body:
             raise CasfsError(f"bad exclude pattern {text!r}: it matches nothing", errno.EINVAL)
+        if b"\0" in body:
+            raise CasfsError(f"bad exclude pattern {text!r}: a NUL byte", errno.EINVAL)
         anchored = b"/" in body
         regex = _translate(body.lstrip(b"/") if anchored else body)
-        return cls(re.compile(regex, re.DOTALL), anchored, dirs_only, negated)
+        try:
+            compiled = _compile(regex)
+        except re.error as exc:  # e.g. a range backwards: [z-a]
+            raise CasfsError(f"bad exclude pattern {text!r}: {exc}", errno.EINVAL) from None
+        return cls(compiled, anchored, dirs_only, negated)
 
     def matches(self, rel: bytes, name: bytes, is_dir: bool) -> bool:
         if self.dirs_only and not is_dir:
@@ -225,7 +235,13 @@ class _Rule:
 def _one(regexes: list[bytes]) -> re.Pattern[bytes] | None:
     if not regexes:
         return None
-    return re.compile(b"|".join(b"(?:" + r + b")" for r in regexes), re.DOTALL)
+    return _compile(b"|".join(b"(?:" + r + b")" for r in regexes))
+
+
+def _compile(regex: bytes) -> re.Pattern[bytes]:
+    with warnings.catch_warnings():  # ("possible set difference": '--' in a set is literal)
+        warnings.simplefilter("ignore", FutureWarning)
+        return re.compile(regex, re.DOTALL)
 
 
 def is_cache_dir(dir_fd: int) -> bool:
