@@ -256,3 +256,38 @@ def test_directories_holding_a_marker_are_left_out(tmp_path, mounted: CasfsMount
     for bad in ("a/b", "..", ""):
         r = casfs_cli("import", store, src, "-s", "bad", "--exclude-if-present", bad)
         assert r.returncode == 2 and "bad --exclude-if-present" in r.stderr, r.stderr
+
+
+def test_stars_take_the_first_place_and_never_backtrack_for_ever():
+    """'*' then fixed characters then '*' is matched atomically (the first place the fixed
+    characters occur): the same answers as plain backtracking, which a hostile name could
+    keep busy for minutes (a pattern of 7 stars against a name of 200 'a's)."""
+    import random
+    import re
+    import threading
+
+    from casfs.workflows import selection
+
+    def plain(pattern: bytes) -> re.Pattern[bytes]:  # each piece as it is: no atomic groups
+        return re.compile(b"".join(r for r, _ in selection._tokens(pattern)), re.DOTALL)
+
+    rng = random.Random(7)
+    pieces = [b"*", b"*", b"*", b"?", b"a", b"a", b"b", b"/", b"**", b"**/", b"[ab]", b"[!a]"]
+    for _ in range(3000):
+        pattern = b"".join(rng.choice(pieces) for _ in range(rng.randint(2, 9)))
+        fast = re.compile(selection._translate(pattern), re.DOTALL)
+        slow = plain(pattern)
+        for _ in range(10):
+            name = bytes(rng.choice(b"aaab/") for _ in range(rng.randint(0, 20)))
+            assert bool(fast.fullmatch(name)) == bool(slow.fullmatch(name)), (pattern, name)
+    hostile = Selection.of(["*a*a*a*a*a*a*b", "*_*_*_*_*_*.tmp"])
+    answers: list[bool] = []
+    worker = threading.Thread(
+        target=lambda: answers.extend(
+            hostile.excluded(n, n, False) for n in (b"a" * 200, b"_" * 250, b"a" * 199 + b"b")
+        ),
+        daemon=True,
+    )
+    worker.start()
+    worker.join(60)
+    assert answers == [False, False, True], "matching a hostile name did not end"

@@ -56,9 +56,39 @@ def read_patterns(path: str) -> list[str]:
     return patterns
 
 
+_STAR = b"[^/]*"  # '*': any characters within one name
+
+
 def _translate(pattern: bytes) -> bytes:
-    """A regular expression (for fullmatch) for one glob pattern without its trailing ``/``."""
+    """A regular expression (for fullmatch) for one glob pattern without its trailing ``/``.
+
+    A ``*`` followed by fixed characters and another ``*`` (``*_*_*.tmp``) becomes an atomic
+    group that takes the first place those characters occur: a later place could only leave
+    more for the next ``*`` to take, within the same name. Plain regex backtracking would
+    try every split instead: ``*a*a*a*a*b`` against a name of 200 ``a``s took seconds, more
+    stars minutes, and the name is the source's, not the user's."""
+    tokens = _tokens(pattern)
     out = []
+    k = 0
+    while k < len(tokens):
+        regex = tokens[k][0]
+        if regex == _STAR:
+            end = k + 1  # the fixed pieces after this '*'
+            while end < len(tokens) and tokens[end][1]:
+                end += 1
+            if end > k + 1 and end < len(tokens) and tokens[end][0] == _STAR:
+                out.append(b"(?>[^/]*?" + b"".join(r for r, _ in tokens[k + 1 : end]) + b")")
+                k = end
+                continue
+        out.append(regex)
+        k += 1
+    return b"".join(out)
+
+
+def _tokens(pattern: bytes) -> list[tuple[bytes, bool]]:
+    """The pattern's pieces as (regex, fixed): fixed pieces match one character that is
+    never a '/' (a literal or '?')."""
+    out: list[tuple[bytes, bool]] = []
     i, n = 0, len(pattern)
     while i < n:
         c = pattern[i : i + 1]
@@ -66,14 +96,14 @@ def _translate(pattern: bytes) -> bytes:
             if pattern[i : i + 2] == b"**":
                 i += 2
                 if pattern[i : i + 1] == b"/":
-                    out.append(b"(?:.*/)?")  # any number of whole names, none included
+                    out.append((b"(?:.*/)?", False))  # any number of whole names, or none
                     i += 1
                 else:
-                    out.append(b".*")
+                    out.append((b".*", False))
                 continue
-            out.append(b"[^/]*")
+            out.append((_STAR, False))
         elif c == b"?":
-            out.append(b"[^/]")
+            out.append((b"[^/]", True))
         elif c == b"[":
             start = i + 1
             negated = pattern[start : start + 1] == b"!"
@@ -81,16 +111,16 @@ def _translate(pattern: bytes) -> bytes:
             # a "]" right after the opening (or "[!") is a member, not the end
             end = pattern.find(b"]", start + (pattern[start : start + 1] == b"]"))
             if end < 0:
-                out.append(re.escape(c))
+                out.append((re.escape(c), True))
             else:
                 members = (pattern[k : k + 1] for k in range(start, end))
                 body = b"".join(m if m == b"-" else re.escape(m) for m in members)
-                out.append(b"[" + (b"^" if negated else b"") + body + b"]")
+                out.append((b"[" + (b"^" if negated else b"") + body + b"]", False))
                 i = end
         else:
-            out.append(re.escape(c))
+            out.append((re.escape(c), c != b"/"))
         i += 1
-    return b"".join(out)
+    return out
 
 
 @dataclass(frozen=True)
