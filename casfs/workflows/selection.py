@@ -140,23 +140,22 @@ class Selection:
     _ordered: tuple[_Rule, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # [any entry, directories only], for patterns on names and on paths
-        names: tuple[list[bytes], list[bytes]] = ([], [])
-        paths: tuple[list[bytes], list[bytes]] = ([], [])
-        rules: list[_Rule] = []
-        for text in self.exclude:
-            rule = _Rule.parse(text)
-            rules.append(rule)
-            (paths if rule.anchored else names)[rule.dirs_only].append(rule.regex.pattern)
+        rules = [_Rule.parse(text) for text in self.exclude]
         for tag in self.exclude_if_present:
             if not tag or "/" in tag or tag in (".", ".."):
                 why = "a name, not a path"
                 raise CasfsError(f"bad --exclude-if-present {tag!r}: {why}", errno.EINVAL)
+        # With a negated pattern the order matters: the rules are asked last to first.
+        # Without, any match excludes, and the rules are joined into one regex per kind:
+        # [any entry, directories only], for patterns on names and on paths.
+        ordered = tuple(reversed(rules)) if any(r.negated for r in rules) else ()
+        names: tuple[list[bytes], list[bytes]] = ([], [])
+        paths: tuple[list[bytes], list[bytes]] = ([], [])
+        for rule in () if ordered else rules:
+            (paths if rule.anchored else names)[rule.dirs_only].append(rule.regex.pattern)
+        object.__setattr__(self, "_ordered", ordered)
         object.__setattr__(self, "_by_name", tuple(_one(r) for r in names))
         object.__setattr__(self, "_by_path", tuple(_one(r) for r in paths))
-        # With a negated pattern the order matters: the rules are asked last to first.
-        ordered = tuple(reversed(rules)) if any(r.negated for r in rules) else ()
-        object.__setattr__(self, "_ordered", ordered)
 
     @classmethod
     def of(
