@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import time
 from concurrent.futures import Future
@@ -44,6 +45,7 @@ COMMIT_BYTES = 32 << 20
 FLUSH_AGE = 1.0  # seconds a buffered write may wait before the timer flushes it
 COMMIT_INTERVAL = 1.0  # seconds between timed commits of the batch
 RESERVE_BYTES = 8 << 20  # disk space kept free for metadata and LMDB's copy-on-write pages
+DISK_FREE_AGE = 0.05  # seconds a reading of the disk's free space is used for
 # A file with this many bytes buffered is stored in the background while writing goes on;
 # a writer waits when its file has FILE_PENDING_MAX bytes not yet stored, so one sequential
 # writer keeps about that much in memory, whatever the mount's --write-buffer.
@@ -51,14 +53,16 @@ FLUSH_AT = 16 << 20
 FILE_PENDING_MAX = 48 << 20
 
 
-async def wait_future(future: Future) -> None:
-    """Wait for a concurrent.futures.Future (the pipeline's) without blocking trio."""
+async def wait_future(future: Future, shield: bool = False) -> None:
+    """Wait for a concurrent.futures.Future (the pipeline's) without blocking trio; a
+    ``shield``-ed wait goes on when its task is cancelled."""
     if future.done():
         return
     token = trio.lowlevel.current_trio_token()
     done = trio.Event()
     future.add_done_callback(lambda _: token.run_sync_soon(done.set))
-    await done.wait()
+    with trio.CancelScope(shield=shield):
+        await done.wait()
 
 
 class InodeLock:
@@ -122,8 +126,11 @@ class Flusher:
         self._last_commit = time.monotonic()
         self._nursery: trio.Nursery | None = None
         self._scheduled: set[int] = set()  # inodes with a background flush on its way
+        self._small: dict[int, None] = {}  # small files queued by flush_soon, in order
+        self._small_woken = trio.Event()
         self._batch_inodes: set[int] = set()  # files with data in the open batch
         self._committing: Future | None = None  # of commit_soon, until it ends
+        self._free_read, self._free_read_at = 0, -math.inf  # see _recent_disk_free
 
     def pending(self, ino: int) -> int:
         """Bytes of ``ino`` written but not yet stored (buffered or in flight)."""
@@ -164,10 +171,29 @@ class Flusher:
 
     def flush_soon(self, ino: int) -> None:
         """Store ``ino``'s buffered writes from a background task (once per file at a time):
-        the request that asked returns at once, and the work fills the loop's idle time."""
-        if ino in self.buffers.files and ino not in self._scheduled and self._nursery is not None:
-            self._scheduled.add(ino)
+        the request that asked returns at once, and the work fills the loop's idle time.
+        Small files queue for one long-lived task (starting a task for each was a twentieth
+        of storing a 4 KiB file); a large one gets a task of its own, so large files are
+        stored side by side."""
+        if ino not in self.buffers.files or ino in self._scheduled or self._nursery is None:
+            return
+        self._scheduled.add(ino)
+        if self.pending(ino) >= FLUSH_AT:
             self._nursery.start_soon(self._background_flush, ino)
+            return
+        self._small[ino] = None
+        if not self._small_woken.is_set():
+            self._small_woken.set()
+
+    async def _store_small_files(self) -> None:
+        """The task behind flush_soon's queue of small files."""
+        while True:
+            await self._small_woken.wait()
+            self._small_woken = trio.Event()
+            while self._small:
+                ino = next(iter(self._small))
+                del self._small[ino]
+                await self._background_flush(ino)
 
     async def _background_flush(self, ino: int) -> None:
         try:
@@ -188,15 +214,15 @@ class Flusher:
             await self.flush_locked(ino)
 
     async def flush_locked(self, ino: int) -> None:
-        # Shielded: once the bytes leave the buffer they must reach the store. Only the
-        # mount's shutdown cancels tasks, and it then waits for this flush to finish.
-        with trio.CancelScope(shield=True):
-            await self._flush_locked(ino)
+        """Store ``ino``'s buffered writes; the caller holds its lock.
 
-    async def _flush_locked(self, ino: int) -> None:
+        Every wait in here is shielded: once the bytes leave the buffer they must reach the
+        store. Only the mount's shutdown cancels tasks, and it then waits for the flushes
+        to finish. The shield is taken only by a wait that has to wait, which storing a
+        small file never does (a cancel scope around each flush cost a thirtieth of it)."""
         if ino not in self.buffers.files:
             return
-        await self.committed()  # the loop serves writes meanwhile
+        await self.committed(shield=True)  # the loop serves writes meanwhile
         dirty = self.buffers.take(ino)
         if dirty is None:
             return
@@ -207,7 +233,7 @@ class Flusher:
                 data = dirty.ranges[start].view()
                 self._ensure_room(len(data))
                 for future in self.fs.write_steps(ino, start, data, dirty.mtime_ns):
-                    await wait_future(future)
+                    await wait_future(future, shield=True)
                 self._batch_bytes += len(data)
         except CasfsError as exc:
             if exc.errno == errno.ENOENT:  # deleted and freed meanwhile: nothing to store
@@ -225,13 +251,22 @@ class Flusher:
         """Refuse a flush the disk cannot take *before* applying it: a failed commit would
         lose the whole batch, including operations already answered as done."""
         need = nbytes + self._batch_bytes + RESERVE_BYTES
-        if self._disk_free() >= need:
+        if self._recent_disk_free() >= need:
             return
         # Commit what is pending; on a nearly full disk the commit also moves LMDB on, so the
         # pages deletes freed inside the data file are usable by the next batch (Store.advance)
         self.commit()
         if self._disk_free() + self.store.free_inside() < nbytes + RESERVE_BYTES:
             raise NoSpace(f"store {self.store.path}: no space left on device")
+
+    def _recent_disk_free(self) -> int:
+        """The disk's free bytes as read at most DISK_FREE_AGE ago and since the last commit
+        (the batch's bytes are counted apart, and only a commit writes them): a statvfs for
+        every small file stored was a twentieth of the work of storing it."""
+        now = time.monotonic()
+        if now - self._free_read_at > DISK_FREE_AGE or self._free_read_at < self._last_commit:
+            self._free_read, self._free_read_at = self._disk_free(), now
+        return self._free_read
 
     def _disk_free(self) -> int:
         st = os.statvfs(self.store.path)
@@ -307,10 +342,10 @@ class Flusher:
             if again is not exc:  # the failure itself is reported above, to the files it lost
                 log.exception("taking the next batch failed")
 
-    async def committed(self) -> None:
+    async def committed(self, shield: bool = False) -> None:
         """Wait, without blocking the loop, for a commit_soon commit in progress."""
         while (future := self._committing) is not None and not future.done():
-            await wait_future(future)
+            await wait_future(future, shield)
 
     async def run(self) -> None:
         """Background flushes and the timer; runs for the life of the mount."""
@@ -318,6 +353,7 @@ class Flusher:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._timer)
+                nursery.start_soon(self._store_small_files)
         finally:
             self._nursery = None  # later flushes (unmounting) start nothing here
 

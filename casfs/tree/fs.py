@@ -326,7 +326,9 @@ class Filesystem:
         kind = stat.S_IFMT(mode) or stat.S_IFREG
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise FsError(errno.EINVAL, f"cannot mknod file type {kind:o}")
-        return self._new_inode(tx, parent, name, kind | stat.S_IMODE(mode), uid, gid, rdev)
+        inode = self._new_inode(tx, parent, name, kind | stat.S_IMODE(mode), uid, gid, rdev)
+        self._known_xattrless().add(inode.ino)  # so the first write's capability check is free
+        return inode
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
         return self.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid, gid)
@@ -549,6 +551,7 @@ class Filesystem:
         # Appending to a file that ends in a stored chunk re-cuts that chunk with the new bytes,
         # as one whole-file cut would; any other write may leave other cuts (identity.py).
         w.keeps_cuts = offset == size and (size == 0 or (last is not None and last.end == size))
+        w.into_empty = size == 0  # (no extent ends past the size: fsck checks it)
 
         def apply_group(group: writer.Group, pieces: list, values: dict) -> None:
             self.store.run_write(

@@ -51,6 +51,7 @@ class Write:
         self.start = offset
         self.stop = self.end
         self.keeps_cuts = False  # the file's chunks stay those of one whole-file cut
+        self.into_empty = False  # the file had no bytes stored: nothing old to plan around
         self.head: Extent | None = None  # old extent whose bytes precede the write
         self.tail: Extent | None = None  # old extent whose bytes follow it
         self.plain: dict[bytes, bytes] = {}
@@ -197,8 +198,9 @@ def steps(
     and compressing ahead of the one being applied, so the pool stays busy while this thread
     puts chunks into LMDB or waits for a commit's fsync.
     """
-    with read_tx() as tx:
-        write.plan(tx)
+    if not write.into_empty:
+        with read_tx() as tx:
+            write.plan(tx)
     cutting = write.content.pipeline.submit(write.cut, weight=len(write.data))
     yield cutting
     groups = cutting.result()
