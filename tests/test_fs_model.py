@@ -879,3 +879,35 @@ def test_inodes_without_xattrs_are_known_without_the_store(store, fs):
         assert not fs.known_xattrless(ino)
     finally:
         store.commit_batch()
+
+
+def test_inodes_kept_in_memory_follow_aborts_and_frees(store, fs):
+    """Write transactions take inodes from memory once read or written there; what an
+    aborted transaction wrote, a freed inode and an aborted batch are never served."""
+    ino = fs.create(ROOT_INO, b"f", 0o644, UID, GID).ino
+    store.begin_batch()  # as in the mount: reads go through the batch's transactions
+    try:
+        fs.setattr(ino, mode=0o600)
+
+        def change_then_fail(tx):
+            fs._put(tx, fs._get(tx, ino).but(mode=0o640, size=7))
+            raise FsError(errno.EIO, "after the change")
+
+        with pytest.raises(FsError):
+            store.run_write(change_then_fail)
+        assert (stat.S_IMODE(fs.getattr(ino).mode), fs.getattr(ino).size) == (0o600, 0)
+    finally:
+        store.commit_batch()
+    store.begin_batch()
+    fs.setattr(ino, mode=0o611)
+    assert stat.S_IMODE(fs.getattr(ino).mode) == 0o611
+    store.abort_batch()
+    assert stat.S_IMODE(fs.getattr(ino).mode) == 0o600
+    store.begin_batch()
+    try:
+        fs.unlink(ROOT_INO, b"f")
+        fails(errno.ENOENT, fs.getattr, ino)
+    finally:
+        store.commit_batch()
+    fails(errno.ENOENT, fs.getattr, ino)
+    assert_fsck_clean(store)

@@ -19,7 +19,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 from casfs.errors import FsError
 from casfs.store import layout
@@ -39,9 +39,17 @@ RENAME_WHITEOUT = 4
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 WRITE_COMMIT_BYTES = 64 << 20  # a large write commits (durably) every this many bytes
+INODES_KEPT = 4096  # decoded inodes kept for the write transactions (see Filesystem._inodes)
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class _Clearable(Protocol):
+    def clear(self) -> None: ...
+
+
+K = TypeVar("K", bound=_Clearable)
 
 
 def now_ns() -> int:
@@ -92,6 +100,24 @@ def make_root(tx: Tx, uid: int = 0, gid: int = 0, mode: int = 0o755) -> None:
     tx.add_u64(layout.STAT_INODES, 1)
 
 
+class UntilAbort(Generic[K]):
+    """What this process learned from its write transactions (``value``: a set or a dict),
+    emptied when one aborts: what an aborted transaction wrote never happened."""
+
+    __slots__ = ("store", "value", "aborts")
+
+    def __init__(self, store: Store, value: K) -> None:
+        self.store = store
+        self.value = value
+        self.aborts = store.aborts
+
+    def __call__(self) -> K:
+        if self.aborts != self.store.aborts:
+            self.value.clear()
+            self.aborts = self.store.aborts
+        return self.value
+
+
 class Filesystem:
     def __init__(
         self,
@@ -106,11 +132,14 @@ class Filesystem:
         self.content = Content(store, self.pipeline, cache_bytes)
         self.merkle = LiveDigests(store)
         self.is_held: Callable[[int], bool] = is_held or (lambda ino: False)
-        # Live inodes found to have no xattrs (every xattr write discards its inode; an abort
-        # empties it). The kernel asks for security.capability before every write(): this
-        # answers without the store, also while a batch commits on the commit thread.
-        self._xattrless: set[int] = set()
-        self._xattrless_aborts = store.aborts
+        # Live inodes found to have no xattrs (every xattr write discards its inode). The
+        # kernel asks for security.capability before every write(): this answers without
+        # the store, also while a batch commits on the commit thread.
+        self._xattrless = UntilAbort(store, set[int]())
+        # Inodes as this process's write transactions last read or wrote them (only this
+        # module writes the inodes table): a mount reads a file's inode several times for
+        # each request. Read-only transactions, which may be older, never use it.
+        self._inodes = UntilAbort(store, dict[int, Inode]())
 
     @classmethod
     def create_store(cls, path: str, **options: int) -> Store:
@@ -122,15 +151,27 @@ class Filesystem:
     # -- records ----------------------------------------------------------------------------
 
     def _get(self, tx: Tx, ino: int) -> Inode:
+        if tx.write and (inode := self._inodes().get(ino)) is not None:
+            return inode
         data = tx.get(b"inodes", layout.ino_key(ino))
         if data is None:
             raise FsError(errno.ENOENT, f"inode {ino}")
-        return Inode.unpack(ino, data)
+        inode = Inode.unpack(ino, data)
+        if tx.write:
+            self._keep(inode)
+        return inode
 
     def _put(self, tx: Tx, inode: Inode) -> Inode:
         tx.put(b"inodes", layout.ino_key(inode.ino), inode.pack())
+        self._keep(inode)
         self.merkle.changed(tx, inode, lambda ino: self._get(tx, ino))
         return inode
+
+    def _keep(self, inode: Inode) -> None:
+        kept = self._inodes()
+        kept[inode.ino] = inode
+        if len(kept) > INODES_KEPT:
+            del kept[next(iter(kept))]  # the oldest
 
     def _content_changed(self, tx: Tx, ino: int) -> None:
         self.merkle.drop(tx, ino)
@@ -233,6 +274,7 @@ class Filesystem:
         for key, _ in list(tx.prefix(b"xattrs", layout.ino_key(ino))):
             tx.delete(b"xattrs", key)
         tx.delete(b"orphans", layout.ino_key(ino))
+        self._inodes().pop(ino, None)
         if tx.delete(b"inodes", layout.ino_key(ino)):
             tx.add_u64(layout.STAT_INODES, -1)
 
@@ -327,7 +369,7 @@ class Filesystem:
         if kind not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise FsError(errno.EINVAL, f"cannot mknod file type {kind:o}")
         inode = self._new_inode(tx, parent, name, kind | stat.S_IMODE(mode), uid, gid, rdev)
-        self._known_xattrless().add(inode.ino)  # so the first write's capability check is free
+        self._xattrless().add(inode.ino)  # so the first write's capability check is free
         return inode
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Inode:
@@ -595,26 +637,19 @@ class Filesystem:
             raise FsError(errno.ENODATA, repr(name))
         return value
 
-    def _known_xattrless(self) -> set[int]:
-        """The inodes known to have no xattrs (see __init__), emptied after an abort."""
-        if self._xattrless_aborts != self.store.aborts:
-            self._xattrless.clear()
-            self._xattrless_aborts = self.store.aborts
-        return self._xattrless
-
     def known_xattrless(self, ino: int) -> bool:
         """``ino`` has no xattrs, known without reading the store."""
-        return ino in self._known_xattrless()
+        return ino in self._xattrless()
 
     def _xattrs_changed(self, ino: int) -> None:
-        self._xattrless.discard(ino)
+        self._xattrless().discard(ino)
 
     @_reads
     def xattr(self, tx: Tx, ino: int, name: bytes) -> bytes | None:
         """An extended attribute's value, or None when it is not set (ENOENT if no inode)."""
         value = self._xattr(tx, ino, name)
         if value is None and tx.write and not any(tx.prefix(b"xattrs", layout.ino_key(ino))):
-            self._known_xattrless().add(ino)  # learned from the batch the mount works in
+            self._xattrless().add(ino)  # learned from the batch the mount works in
         return value
 
     def _xattr(self, tx: Tx, ino: int, name: bytes) -> bytes | None:
