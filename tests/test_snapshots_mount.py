@@ -1138,3 +1138,21 @@ def test_restore_updates_the_kernel_cache_at_once(mounted: CasfsMount):
         assert read_file(m / "f") == b"old"
     finally:
         os.close(fd)
+
+
+def test_commands_return_once_the_kernel_dropped_the_names_they_removed(mounted: CasfsMount):
+    """snapshot -d and rollback answer only once the kernel has dropped the names they
+    removed, so a script's next stat does not find them (the kernel caches snapshot entries
+    for long; dropping them was queued and could land after the command had returned)."""
+    m = mounted.mnt
+    for i in range(12):
+        cli_ok("snapshot", m, f"t{i}")
+        assert os.path.isdir(m / ".snap" / f"t{i}")  # the kernel caches the entry
+        cli_ok("snapshot", "-d", m, f"t{i}")
+        assert not os.path.lexists(m / ".snap" / f"t{i}"), f"t{i} still there"
+    cli_ok("snapshot", m, "base")
+    for i in range(6):
+        write_file(m / f"extra{i}", b"x")
+        os.stat(m / f"extra{i}")
+        cli_ok("rollback", m, "base")
+        assert not os.path.lexists(m / f"extra{i}"), f"extra{i} still there"

@@ -108,6 +108,8 @@ class ControlServer:
             return {"ok": True, "result": await handler(request)}
         except CasfsError as exc:
             return {"ok": False, "error": str(exc), "errno": exc.errno}
+        finally:  # the command returns once the kernel holds no name it removed
+            await self.ops.snapshots.settle()
 
     # -- operations -------------------------------------------------------------------------
 

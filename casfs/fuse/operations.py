@@ -327,7 +327,10 @@ class CasfsOperations(pyfuse3.Operations):
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if parent_inode == SNAPDIR_INO:  # rmdir .snap/NAME deletes a snapshot
-            await self.snapshots.delete(name)
+            try:
+                await self.snapshots.delete(name)
+            finally:
+                self.snapshots.settle_soon()
             return
         self._read_only(parent_inode)
         if parent_inode == ROOT_INO and name == SNAPDIR_NAME:

@@ -9,6 +9,7 @@ record happen in one synchronous transaction.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -37,6 +38,7 @@ class SnapshotService:
         self.store = ops.store
         self.fs = ops.fs
         self.lock = trio.Lock()  # one snapshot-changing operation at a time
+        self.unsettled: list[tuple[int, bytes, int]] = []  # names to drop: see _forget_entry
 
     async def create(self, name: bytes) -> snapshots.Snapshot:
         snapshots.check_snapshot_name(name)
@@ -79,7 +81,7 @@ class SnapshotService:
             snap = self.store.run_write(run)
             self.ops.flusher.commit(durable=True)
         # not deleted=: the kernel refuses that for a directory still in use
-        pyfuse3.invalidate_entry_async(SNAPDIR_INO, name, ignore_enoent=True)
+        self._forget_entry(SNAPDIR_INO, name)
         self.ops.snaps.evict_deleted(snap.id, lambda ino: ino in self.ops.pins.opens)
         log.info("deleted snapshot %r", name)
         return snap
@@ -124,16 +126,35 @@ class SnapshotService:
         if replaced is not None:
             self._forget_name(replaced)
         else:  # the kernel may hold a negative entry for the new name
-            pyfuse3.invalidate_entry_async(made.parent, made.name, ignore_enoent=True)
+            self._forget_entry(made.parent, made.name)
         self._refresh(made.parent)
 
-    @staticmethod
-    def _forget_name(gone: restore.Name) -> None:
+    def _forget_name(self, gone: restore.Name) -> None:
         """Drop a removed entry from the kernel's cache. A file's inode is marked deleted
         too (its open descriptors see nlink 0 at once); a directory's is not, because the
         kernel refuses that while something below it is in use."""
-        deleted = 0 if gone.is_dir else gone.ino
-        pyfuse3.invalidate_entry_async(gone.parent, gone.name, deleted=deleted, ignore_enoent=True)
+        self._forget_entry(gone.parent, gone.name, 0 if gone.is_dir else gone.ino)
+
+    def _forget_entry(self, parent: int, name: bytes, deleted: int = 0) -> None:
+        """Have the kernel drop ``name`` from its cache: by :meth:`settle` (a command that
+        returns must leave no stale name behind) or, inside a request, by :meth:`settle_soon`.
+        """
+        self.unsettled.append((parent, name, deleted))
+
+    async def settle(self) -> None:
+        """Drop the names forgotten so far, waiting until the kernel has. From a thread: the
+        kernel takes the directory's lock for it, and a request of the kernel's may hold that
+        lock until this loop answers it. Never inside a request (it may hold the lock)."""
+        names, self.unsettled = self.unsettled, []
+        for parent, name, deleted in names:
+            await trio.to_thread.run_sync(_drop_entry, parent, name, deleted)
+
+    def settle_soon(self) -> None:
+        """Drop the names forgotten so far without waiting (pyfuse3 sends them from a thread
+        of its own): for requests, during which the kernel may hold the directory's lock."""
+        names, self.unsettled = self.unsettled, []
+        for parent, name, deleted in names:
+            pyfuse3.invalidate_entry_async(parent, name, deleted=deleted, ignore_enoent=True)
 
     @staticmethod
     def _refresh(ino: int, attr_only: bool = True) -> None:
@@ -144,3 +165,11 @@ class SnapshotService:
             pyfuse3.invalidate_inode(ino, attr_only=attr_only)
         except OSError:
             pass  # the kernel does not know it
+
+
+def _drop_entry(parent: int, name: bytes, deleted: int) -> None:
+    try:
+        pyfuse3.invalidate_entry(parent, name, deleted=deleted)
+    except OSError as exc:  # ENOENT: the kernel does not know the name (nothing to drop)
+        if exc.errno != errno.ENOENT:
+            log.debug("could not drop %r from the kernel's cache: %s", name, exc)
