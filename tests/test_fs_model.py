@@ -911,3 +911,30 @@ def test_inodes_kept_in_memory_follow_aborts_and_frees(store, fs):
         store.commit_batch()
     fails(errno.ENOENT, fs.getattr, ino)
     assert_fsck_clean(store)
+
+
+def test_a_commit_that_fails_is_forgotten_before_the_retry(store, fs, monkeypatch):
+    """A commit that fails on a full map is retried from the start once the map has grown.
+    The failed transaction is gone, and so must be the inodes it wrote from memory: else
+    the retry takes a link off a count already lowered, and frees a file still named."""
+    import lmdb
+
+    from casfs.store.store import Tx
+
+    ino = fs.create(ROOT_INO, b"f", 0o644, UID, GID).ino
+    fs.link(ino, ROOT_INO, b"g")
+    real_commit, failures = Tx.commit, [1]
+
+    def commit_once_full(tx):
+        if failures and tx.parent is None:
+            failures.pop()
+            tx.txn.abort()  # as LMDB leaves a transaction whose commit found the map full
+            raise lmdb.MapFullError("test: map full")
+        real_commit(tx)
+
+    monkeypatch.setattr(Tx, "commit", commit_once_full)
+    fs.unlink(ROOT_INO, b"f")
+    assert not failures, "the commit never failed: the test tested nothing"
+    assert fs.lookup(ROOT_INO, b"g").nlink == 1
+    assert fs.getattr(ino).nlink == 1
+    assert_fsck_clean(store)

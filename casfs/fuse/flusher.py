@@ -330,6 +330,7 @@ class Flusher:
 
     async def _commit_ended(self, future: Future, inodes: set[int]) -> None:
         await wait_future(future)
+        self._free_read_at = -math.inf  # a reading taken meanwhile missed the commit's pages
         exc = future.exception()
         if exc is not None:
             log.error("committing the store failed: %s", exc)

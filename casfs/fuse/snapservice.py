@@ -146,8 +146,8 @@ class SnapshotService:
         kernel takes the directory's lock for it, and a request of the kernel's may hold that
         lock until this loop answers it. Never inside a request (it may hold the lock)."""
         names, self.unsettled = self.unsettled, []
-        for parent, name, deleted in names:
-            await trio.to_thread.run_sync(_drop_entry, parent, name, deleted)
+        if names:  # (abandoned when the mount shuts down: the kernel may never answer then)
+            await trio.to_thread.run_sync(_drop_entries, names, abandon_on_cancel=True)
 
     def settle_soon(self) -> None:
         """Drop the names forgotten so far without waiting (pyfuse3 sends them from a thread
@@ -167,9 +167,10 @@ class SnapshotService:
             pass  # the kernel does not know it
 
 
-def _drop_entry(parent: int, name: bytes, deleted: int) -> None:
-    try:
-        pyfuse3.invalidate_entry(parent, name, deleted=deleted)
-    except OSError as exc:  # ENOENT: the kernel does not know the name (nothing to drop)
-        if exc.errno != errno.ENOENT:
-            log.debug("could not drop %r from the kernel's cache: %s", name, exc)
+def _drop_entries(names: list[tuple[int, bytes, int]]) -> None:
+    for parent, name, deleted in names:
+        try:
+            pyfuse3.invalidate_entry(parent, name, deleted=deleted)
+        except OSError as exc:  # ENOENT: the kernel does not know the name (nothing to drop)
+            if exc.errno != errno.ENOENT:
+                log.debug("could not drop %r from the kernel's cache: %s", name, exc)

@@ -534,10 +534,7 @@ class Store:
                 raise
             self._stack.pop()
             try:
-                tx.commit()
-                if self._batch is None:
-                    self.sync()  # a transaction of its own is durable when run_write returns
-                    self.mapped.touched()
+                self._commit_top(tx)
             except lmdb.MapFullError:
                 self._grow(force=True)
                 continue
@@ -555,6 +552,19 @@ class Store:
                 self._hold_reserve()
             return result
         raise NoSpace(f"store {self.path}: the database map cannot grow")
+
+    def _commit_top(self, tx: Tx) -> None:
+        """Commit run_write's transaction. One that fails to commit is gone, as if aborted:
+        it counts as an abort, so what was learned from it (an inode it wrote, say) is
+        forgotten before ``fn`` runs again."""
+        try:
+            tx.commit()
+        except BaseException:
+            self.aborts += 1
+            raise
+        if self._batch is None:
+            self.sync()  # a transaction of its own is durable when run_write returns
+            self.mapped.touched()
 
     def _abort_top(self) -> None:
         """Abort run_write's transaction (a child of the batch, or one of its own)."""
