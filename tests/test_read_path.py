@@ -199,3 +199,32 @@ def test_released_values_are_advised_in_runs_of_adjacent_pages():
         view.release()
     finally:
         m.close()
+
+
+def test_small_reads_take_chunks_of_decoded_packs_without_the_read_threads(fs, monkeypatch):
+    """Once a pack is decoded, a small read of another of its chunks is served on the
+    calling thread (a hop to the read threads cost several times more); a large read still
+    goes to them, and a chunk whose pack is not decoded too."""
+    small = [os.urandom(3000) for _ in range(20)]
+    inos = []
+    fs.store.begin_batch()  # one commit: the files share a pack, as in the mount
+    for i, data in enumerate(small):
+        inos.append(fs.create(ROOT_INO, b"s%d" % i, 0o644, 0, 0).ino)
+        fs.write(inos[-1], 0, data)
+    fs.store.commit_batch()
+    big = os.urandom(4 * MiB)
+    big_ino = fs.create(ROOT_INO, b"big", 0o644, 0, 0).ino
+    fs.write(big_ino, 0, big)
+    fs.store.packer._cache.clear()  # (as after a restart: nothing decoded)
+    fs.store.packer._cached = 0
+    hops = []
+    real = fs.pipeline.read_async
+    monkeypatch.setattr(fs.pipeline, "read_async", lambda ds: hops.append(len(ds)) or real(ds))
+
+    assert fs.read(inos[0], 0, 4096) == small[0]
+    assert hops == [1], "the first read decodes the pack in the read threads"
+    for ino, data in zip(inos[1:], small[1:], strict=True):
+        assert fs.read(ino, 0, 4096) == data
+    assert hops == [1], "later small reads from the same pack hopped to the read threads"
+    assert fs.read(big_ino, 0, len(big)) == big
+    assert len(hops) > 1, "a large read is the read threads' work"

@@ -267,6 +267,11 @@ class Packer:
         except zstandard.ZstdError as exc:
             raise CorruptObject(digest, f"pack {pack} does not decode ({exc})") from None
 
+    def decoded(self, pack: int) -> bool:
+        """``pack`` is in the cache of decoded packs (reading from it costs a slice)."""
+        with self._lock:
+            return pack in self._cache
+
     def _evict(self, pack: int) -> None:
         with self._lock:
             old = self._cache.pop(pack, None)

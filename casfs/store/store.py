@@ -915,10 +915,18 @@ class Store:
             finally:
                 txn.abort()
 
-    def _packed_committed(self, tx: Tx, digest: bytes) -> bytes | None:
+    def packed_if_decoded(self, tx: Tx, digest: bytes) -> bytes | None:
+        """A packed object's plain bytes, verified, if its pack is decoded in memory already;
+        else None. A small read finds its bytes so without a hop to the read threads, which
+        costs more than slicing and verifying a few KiB."""
+        return self._packed_committed(tx, digest, decoded_only=True)
+
+    def _packed_committed(self, tx: Tx, digest: bytes, decoded_only: bool = False) -> bytes | None:
         ref = tx.get(b"refs", digest)
         at = layout.read_packed_at(ref) if ref is not None else None
         if at is None or at[0] == 0:  # missing, or packed at the open batch's commit
+            return None
+        if decoded_only and not self.packer.decoded(at[0]):
             return None
         plain = self.packer.read(tx, digest, at, layout.read_ref_value(ref)[1])
         if digest_of(plain) != digest:

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 
 from casfs.errors import CasfsError, CorruptObject
 from casfs.store import layout
+from casfs.store.packs import packable
 from casfs.store.pipeline import Pipeline
 from casfs.store.store import Store, Tx
 
 # How far ahead of a sequential reader chunks are decoded in the background.
 READ_AHEAD = 2 << 20
+SMALL_READ = 64 << 10  # a read of at most this many bytes takes decoded packs' chunks inline
 
 
 _ZEROS = bytes(1 << 20)
@@ -250,11 +252,16 @@ class ReadJob:
     def plan(self, tx: Tx) -> None:
         c = self.content
         wanted: dict[bytes, None] = {}  # (ordered, no repeats)
+        # A small read takes packed chunks from packs decoded already, here: a hop to the
+        # read threads costs more (a large one leaves even that work to them).
+        small = sum(e.length for e in self.extents) <= SMALL_READ
         for e in self.extents:
             d = e.digest
             if d in self.plain or d in self.pending or d in wanted:
                 continue
             data = c.cache.get(d)
+            if data is None and small and packable(e.length):
+                data = c.store.packed_if_decoded(tx, d)
             if data is not None:
                 self.plain[d] = data
             elif d in c._inflight:
