@@ -39,6 +39,7 @@ class SnapshotService:
         self.fs = ops.fs
         self.lock = trio.Lock()  # one snapshot-changing operation at a time
         self.unsettled: list[tuple[int, bytes, int]] = []  # names to drop: see _forget_entry
+        self.stale: dict[int, bool] = {}  # inodes to refresh (attributes only?): see _refresh
 
     async def create(self, name: bytes) -> snapshots.Snapshot:
         snapshots.check_snapshot_name(name)
@@ -146,8 +147,9 @@ class SnapshotService:
         kernel takes the directory's lock for it, and a request of the kernel's may hold that
         lock until this loop answers it. Never inside a request (it may hold the lock)."""
         names, self.unsettled = self.unsettled, []
-        if names:  # (abandoned when the mount shuts down: the kernel may never answer then)
-            await trio.to_thread.run_sync(_drop_entries, names, abandon_on_cancel=True)
+        stale, self.stale = self.stale, {}
+        if names or stale:  # (abandoned at shutdown: the kernel may never answer then)
+            await trio.to_thread.run_sync(_drop_cached, names, stale, abandon_on_cancel=True)
 
     def settle_soon(self) -> None:
         """Drop the names forgotten so far without waiting (pyfuse3 sends them from a thread
@@ -156,21 +158,23 @@ class SnapshotService:
         for parent, name, deleted in names:
             pyfuse3.invalidate_entry_async(parent, name, deleted=deleted, ignore_enoent=True)
 
-    @staticmethod
-    def _refresh(ino: int, attr_only: bool = True) -> None:
-        """``ino`` changed behind the kernel's back: drop its cached attributes (and pages).
-        (Called from the control socket, never inside a request for ``ino``, and the mount
-        has no writeback cache: it cannot deadlock.)"""
-        try:
-            pyfuse3.invalidate_inode(ino, attr_only=attr_only)
-        except OSError:
-            pass  # the kernel does not know it
+    def _refresh(self, ino: int, attr_only: bool = True) -> None:
+        """``ino`` changed behind the kernel's back: have :meth:`settle` drop its cached
+        attributes (and pages). From a thread too: dropping pages waits for those a read
+        of the file has locked, and that read waits for this loop's answer."""
+        self.stale[ino] = self.stale.get(ino, True) and attr_only
 
 
-def _drop_entries(names: list[tuple[int, bytes, int]]) -> None:
+def _drop_cached(names: list[tuple[int, bytes, int]], stale: dict[int, bool]) -> None:
+    """Drop names, then inodes' attributes (and pages), from the kernel's caches."""
     for parent, name, deleted in names:
         try:
             pyfuse3.invalidate_entry(parent, name, deleted=deleted)
         except OSError as exc:  # ENOENT: the kernel does not know the name (nothing to drop)
             if exc.errno != errno.ENOENT:
                 log.debug("could not drop %r from the kernel's cache: %s", name, exc)
+    for ino, attr_only in stale.items():
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=attr_only)
+        except OSError:
+            pass  # the kernel does not know it
